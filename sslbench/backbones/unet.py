@@ -1,0 +1,331 @@
+"""The DDPM U-Net (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", appendix B), with named blocks.
+
+The network predicts the noise ``eps`` in a noised image ``x_t`` given the integer timestep ``t``.
+Layout (one "level" per resolution, ``L = len(channel_mults)``)::
+
+    in                       3x3 conv, 3 -> base channels                       stride 1
+    down{l}.{i}              ResBlock (+ self-attention at chosen strides)      stride 2**l
+    down{l}.down             3x3 stride-2 conv (all levels but the last)        stride 2**(l+1)
+    mid                      ResBlock, self-attention, ResBlock                 stride 2**(L-1)
+    up{l}.{i}                concat(skip) -> ResBlock (+ attention), i <= num_res_blocks
+    up{l}.up                 nearest x2 + 3x3 conv (all levels but the first)   stride 2**(l-1)
+    out                      GroupNorm, SiLU, 3x3 conv -> 3 channels (eps)      stride 1
+
+Decoder blocks carry the index ``l`` of the encoder level at the same resolution, so ``down2.1`` and
+``up2.0`` both have stride 4. Every block has a stable name; ``forward_features`` runs the blocks in that
+order and stops after the last requested one, which is how the DDAE readout (Xiang et al. 2023) reads
+intermediate activations without hooks and without paying for the decoder when it reads the encoder.
+DDAE's block ``out_k`` (the k-th decoder ResBlock) is our ``up{l}.{i}`` in the same order: with 2 blocks a
+level, ``out_6`` (their CIFAR-10 DDPM readout) is ``up2.2``.
+
+Speed: attention only where configured, ``F.scaled_dot_product_attention``, one ``GroupNorm`` call per
+norm with an in-place SiLU after it, in-place additions where autograd allows, the time embedding (and
+its SiLU) computed once per forward, dropout skipped when it is 0, and memory-format-agnostic code so
+``model.to(memory_format=torch.channels_last)`` with channels-last inputs takes the oneDNN fast path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslbench.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Shape of a DDPM U-Net. ``attention_resolutions`` are strides (2 = 16x16 maps on 32x32 images)."""
+
+    base_channels: int = 128
+    channel_mults: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (2,)
+    dropout: float = 0.1
+    groups: int = 32
+
+    def __post_init__(self):
+        # A config read back from JSON/YAML holds lists; keep tuples so configs compare and hash.
+        object.__setattr__(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
+        object.__setattr__(self, "attention_resolutions", tuple(int(s) for s in self.attention_resolutions))
+        if self.base_channels < 1 or self.num_res_blocks < 1 or not self.channel_mults or min(self.channel_mults) < 1:
+            raise ConfigError(f"UNetConfig {self} is invalid; base_channels, num_res_blocks and every channel_mult must be >= 1")
+        strides = [2**level for level in range(len(self.channel_mults))]
+        if bad := [s for s in self.attention_resolutions if s not in strides]:
+            raise ConfigError(f"UNet attention_resolutions {bad} are not level strides; use some of {strides}")
+        channels = {self.base_channels * m for m in self.channel_mults}
+        if bad := sorted(c for c in channels if c % self.groups):
+            raise ConfigError(f"UNet groups={self.groups} does not divide channels {bad}; pick groups dividing every level's channels")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"UNet dropout {self.dropout} is out of range; use a value in [0, 1)")
+
+
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # CPU unit tests: 0.2M parameters, attention only in the middle block.
+    "tiny": UNetConfig(base_channels=16, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0, groups=8),
+    # CPU benchmark (C10-mini): 32/64/64 channels, attention at the lowest resolution only.
+    "small": UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.1, groups=32),
+    # The DDPM CIFAR-10 model, 35.7M parameters (Ho et al. 2020; the DDAE CIFAR-10 DDPM backbone).
+    "ddpm_cifar10": UNetConfig(base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(2,), dropout=0.1, groups=32),
+}
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, as in the DDPM code): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=timesteps.device, dtype=torch.float32) * (-math.log(10000.0) / max(half - 1, 1)))
+    angles = timesteps.float()[:, None] * freqs[None, :]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    # GroupNorm's backward needs its input, not its output, so the SiLU may overwrite the output.
+    return F.silu(norm(x), inplace=True)
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over all positions, with a residual connection (DDPM's AttnBlock)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        # (B, C, H, W) -> (B, HW, C): a free view when x is channels-last.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(tokens).unsqueeze(1).chunk(3, dim=-1)
+        attended = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        return x + self.proj(attended).transpose(1, 2).unflatten(2, (h, w))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, + projected time embedding, GroupNorm-SiLU-dropout-conv, + skip (1x1 if channels change).
+
+    With ``attention`` a self-attention block follows (DDPM puts one after every ResBlock of an attention level).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, time_channels: int, dropout: float, groups: int, attention: bool = False):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(time_channels, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.attention = SelfAttention(out_channels, groups) if attention else nn.Identity()
+
+    def forward(self, x: torch.Tensor, time_act: torch.Tensor) -> torch.Tensor:
+        """``time_act`` is SiLU(time embedding), computed once per U-Net forward."""
+        h = self.conv1(_norm_silu(self.norm1, x))
+        h = h.add_(self.time_proj(time_act)[:, :, None, None])  # conv's backward does not need its output
+        h = self.conv2(self.dropout(_norm_silu(self.norm2, h)))
+        return self.attention(h.add_(self.skip(x)))
+
+
+class MiddleBlock(nn.Module):
+    """ResBlock, self-attention, ResBlock at the lowest resolution."""
+
+    def __init__(self, channels: int, time_channels: int, dropout: float, groups: int):
+        super().__init__()
+        self.res1 = ResBlock(channels, channels, time_channels, dropout, groups, attention=True)
+        self.res2 = ResBlock(channels, channels, time_channels, dropout, groups)
+
+    def forward(self, x: torch.Tensor, time_act: torch.Tensor) -> torch.Tensor:
+        return self.res2(self.res1(x, time_act), time_act)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class OutputHead(nn.Module):
+    def __init__(self, channels: int, groups: int, out_channels: int = 3):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(_norm_silu(self.norm, x))
+
+
+# How a block is called inside the forward loop.
+_IN, _DOWN_RES, _DOWN, _MID, _UP_RES, _UP, _OUT = range(7)
+
+
+@dataclass(frozen=True)
+class _Step:
+    name: str
+    role: int
+    stride: int
+    channels: int
+
+
+class UNet(nn.Module):
+    """The DDPM epsilon-prediction U-Net with named blocks (see the module docstring for the names).
+
+    ``forward(x, t)`` maps noised images in [-1, 1] (B, 3, H, W) and integer timesteps (B,) to the
+    predicted noise (B, 3, H, W); H and W must be divisible by ``2 ** (len(channel_mults) - 1)``.
+    """
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = config = config or UNetConfig()
+        base, groups, dropout = config.base_channels, config.groups, config.dropout
+        time_channels = 4 * base
+        levels = len(config.channel_mults)
+        self.time_mlp = nn.Sequential(nn.Linear(base, time_channels), nn.SiLU(), nn.Linear(time_channels, time_channels))
+        self.conv_in = nn.Conv2d(3, base, 3, padding=1)
+
+        steps = [_Step("in", _IN, 1, base)]
+        skip_channels = [base]
+        channels = base
+        self.encoder = nn.ModuleList()
+        for level, mult in enumerate(config.channel_mults):
+            stride, out_channels = 2**level, base * mult
+            blocks = nn.ModuleDict()
+            for i in range(config.num_res_blocks):
+                blocks[str(i)] = ResBlock(channels, out_channels, time_channels, dropout, groups, stride in config.attention_resolutions)
+                channels = out_channels
+                steps.append(_Step(f"down{level}.{i}", _DOWN_RES, stride, channels))
+                skip_channels.append(channels)
+            if level < levels - 1:
+                blocks["down"] = Downsample(channels)
+                steps.append(_Step(f"down{level}.down", _DOWN, 2 * stride, channels))
+                skip_channels.append(channels)
+            self.encoder.append(blocks)
+
+        self.mid = MiddleBlock(channels, time_channels, dropout, groups)
+        steps.append(_Step("mid", _MID, 2 ** (levels - 1), channels))
+
+        decoder = {}
+        for level in reversed(range(levels)):
+            stride, out_channels = 2**level, base * config.channel_mults[level]
+            blocks = nn.ModuleDict()
+            for i in range(config.num_res_blocks + 1):
+                in_channels = channels + skip_channels.pop()
+                blocks[str(i)] = ResBlock(in_channels, out_channels, time_channels, dropout, groups, stride in config.attention_resolutions)
+                channels = out_channels
+                steps.append(_Step(f"up{level}.{i}", _UP_RES, stride, channels))
+            if level > 0:
+                blocks["up"] = Upsample(channels)
+                steps.append(_Step(f"up{level}.up", _UP, stride // 2, channels))
+            decoder[level] = blocks
+        # decoder[l] works at the resolution of encoder[l], so parameter names line up with block names.
+        self.decoder = nn.ModuleList(decoder[level] for level in range(levels))
+        self.out = OutputHead(channels, groups)
+        steps.append(_Step("out", _OUT, 1, 3))
+
+        self._steps = steps
+        self._index = {step.name: i for i, step in enumerate(steps)}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DDPM initialisation: Xavier-uniform weights, zero biases, and zero for the last layer of every
+        residual branch and for the output conv, so each block starts as the identity and the
+        untrained network predicts eps = 0 (its loss is then E[eps^2] = 1)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.zeros_(m.conv2.weight)
+            elif isinstance(m, SelfAttention):
+                nn.init.zeros_(m.proj.weight)
+        nn.init.zeros_(self.out.conv.weight)
+
+    def block_names(self) -> list[str]:
+        """All block names in forward order."""
+        return [step.name for step in self._steps]
+
+    def block_stride(self, name: str) -> int:
+        return self._steps[self._block_index(name)].stride
+
+    def block_channels(self, name: str) -> int:
+        return self._steps[self._block_index(name)].channels
+
+    def _block_index(self, name: str) -> int:
+        if name not in self._index:
+            raise ConfigError(f"unknown U-Net block {name!r}; use one of {self.block_names()}")
+        return self._index[name]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predicted noise for noised images ``x`` (B, 3, H, W) at integer timesteps ``t`` (B,)."""
+        return self._run(x, t, {"out"}, len(self._steps) - 1)["out"]
+
+    def forward_features(self, x: torch.Tensor, t: torch.Tensor, blocks: list[str]) -> dict[str, torch.Tensor]:
+        """Outputs of the named blocks, running the network only up to the last of them."""
+        if not blocks:
+            raise ConfigError(f"forward_features needs at least one block name; use some of {self.block_names()}")
+        last = max(self._block_index(name) for name in blocks)
+        outputs = self._run(x, t, set(blocks), last)
+        return {name: outputs[name] for name in blocks}
+
+    def _blocks_in_order(self) -> list[nn.Module]:
+        """The block modules in forward order, read from the registered children (so copies, device moves
+        and wrappers that replace submodules are always seen)."""
+        blocks = [self.conv_in]
+        for level in self.encoder:
+            blocks.extend(level.values())
+        blocks.append(self.mid)
+        for level in reversed(self.decoder):
+            blocks.extend(level.values())
+        blocks.append(self.out)
+        return blocks
+
+    def _run(self, x: torch.Tensor, t: torch.Tensor, wanted: set[str], last: int) -> dict[str, torch.Tensor]:
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        embedding = timestep_embedding(t, self.config.base_channels).to(self.conv_in.weight.dtype)
+        time_act = F.silu(self.time_mlp(embedding))
+        skips: list[torch.Tensor] = []
+        outputs: dict[str, torch.Tensor] = {}
+        h = x
+        for step, module in zip(self._steps[: last + 1], self._blocks_in_order()):
+            role = step.role
+            if role in (_DOWN_RES, _MID):
+                h = module(h, time_act)
+            elif role == _UP_RES:
+                h = module(torch.cat([h, skips.pop()], dim=1), time_act)
+            else:
+                h = module(h)
+            if role in (_IN, _DOWN_RES, _DOWN):
+                skips.append(h)
+            if step.name in wanted:
+                outputs[step.name] = h
+        return outputs
+
+
+def unet_from_preset(name: str) -> UNet:
+    """A freshly initialised U-Net of a named preset ("tiny", "small", "ddpm_cifar10")."""
+    if name not in UNET_PRESETS:
+        raise ConfigError(f"unknown U-Net preset {name!r}; use one of {sorted(UNET_PRESETS)}")
+    return UNet(UNET_PRESETS[name])
+
+
+def unet_config_dict(config: UNetConfig) -> dict:
+    """The JSON-able form of a config (tuples as lists), as stored in encoder specs."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(config).items()}

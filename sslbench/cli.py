@@ -1,0 +1,198 @@
+"""The ``sslbench`` command line: demo, pretrain, eval, results.
+
+Every user mistake ends in one line on stderr that names the thing and the fix, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from sslbench.errors import ConfigError, SslbenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Self-supervised encoders (generative and contrastive) compared on four task types.")
+
+TASK_CHOICES = "classification, counting, depth, segmentation"
+
+
+def _quiet() -> None:
+    """Keep the terminal for our progress and tables: silence library banners and deprecation noise."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _positive(name: str, value: Optional[int | float]) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"option --{name}={value} is out of range; use a positive value")
+
+
+@app.command()
+def pretrain(
+    method: str = typer.Option(..., help="Method: simclr, ddae, ... (see 'sslbench methods')."),
+    data: str = typer.Option("scenes", help="Dataset name: scenes (built in), cifar10, cifar100, folder, pets, clevr, nyu."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset in its official layout (not needed for scenes)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone: resnet18, resnet34, resnet50, unet-tiny, unet-small, unet-ddpm_cifar10 (default: the method's)."),
+    width: float = typer.Option(1.0, help="ResNet width multiplier (0.25 = C10-mini's 16/32/64/128 channels)."),
+    image_size: Optional[int] = typer.Option(None, help="Resize images to this square size (default: the dataset's; 32 for scenes)."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the method's)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size per process (default: the method's)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the method's)."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N training images (official order)."),
+    out: Path = typer.Option(Path("runs/pretrain"), help="Output folder: last.ckpt, encoder.safetensors, encoder.json."),
+    seed: int = typer.Option(0, help="Random seed (data order, views, initialisation)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last.ckpt."),
+    set_: list[str] = typer.Option([], "--set", help="Method or training option KEY=VALUE (repeatable), e.g. --set temperature=0.2."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of method/training options (keys as for --set)."),
+    devices: str = typer.Option("auto", help="Lightning devices: auto, 1, 4, ..."),
+    strategy: str = typer.Option("auto", help="Lightning strategy: auto, ddp, fsdp, ..."),
+    num_nodes: int = typer.Option(1, help="Number of nodes (multi-node DDP)."),
+    precision: Optional[str] = typer.Option(None, help="Lightning precision (default: bf16-mixed on GPU, 32-true on CPU)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder."),
+) -> None:
+    """Pretrain an encoder with a self-supervised method and export it."""
+    from sslbench.backbones import backbone_spec
+    from sslbench.config import load_yaml, parse_pairs
+    from sslbench.data import dataset_entry, load_dataset
+    from sslbench.engine import RunConfig, pretrain as run_pretrain
+    from sslbench.methods import METHODS, TrainConfig
+
+    _positive("epochs", epochs)
+    _positive("batch-size", batch_size)
+    _positive("lr", lr)
+    _positive("limit", limit)
+    _positive("image-size", image_size)
+    _positive("width", width)
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; use one of {', '.join(sorted(METHODS))}")
+    overrides = {**(load_yaml(config) if config else {}), **parse_pairs(set_)}
+    train_keys = set(TrainConfig.__dataclass_fields__)
+    train = {k: v for k, v in overrides.items() if k in train_keys}
+    options = {k: v for k, v in overrides.items() if k not in train_keys}
+    for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
+        if value is not None:
+            train[key] = value
+    train["seed"] = seed
+    entry = dataset_entry(data)
+    images = load_dataset(data, data_root, entry.train_split, image_size=image_size, limit=limit).images
+    spec = backbone_spec(backbone, width, int(images.shape[-1])) if backbone else None
+    result = run_pretrain(method, images, RunConfig(out=out, devices=devices, strategy=strategy, num_nodes=num_nodes,
+                                                    precision=precision, resume=resume, compile=compile),
+                          backbone=spec, options=options, train=train, info={"data": data, "train_images": len(images)})
+    typer.echo(f"{method}: {len(result.epoch_seconds)} epochs this run, {result.images_per_second:.0f} images/s, "
+               f"final loss {result.final_loss:.4f}; encoder exported to {out}")
+
+
+@app.command("eval")
+def eval_(
+    task: str = typer.Option(..., help=f"Task: {TASK_CHOICES}."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Output folder of 'sslbench pretrain' (holds encoder.safetensors + encoder.json)."),
+    random: bool = typer.Option(False, "--random", help="Evaluate a randomly initialised --backbone instead of a checkpoint."),
+    backbone: str = typer.Option("resnet18", help="Backbone for --random (see 'sslbench pretrain --help')."),
+    width: float = typer.Option(1.0, help="ResNet width multiplier for --random."),
+    protocol: Optional[str] = typer.Option(None, help="classification: knn|linear; counting: linear; depth: probe; segmentation: probe."),
+    data: str = typer.Option("scenes", help="Dataset name (see 'sslbench pretrain --help')."),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset folder in its official layout."),
+    image_size: Optional[int] = typer.Option(None, help="Resize images to this square size."),
+    train_limit: Optional[int] = typer.Option(None, help="Use only the first N training images."),
+    test_limit: Optional[int] = typer.Option(None, help="Use only the first N test images."),
+    out: Path = typer.Option(Path("runs/eval"), help="Folder whose results.jsonl receives the rows."),
+    seed: int = typer.Option(0, help="Seed of the probe (and of the random encoder)."),
+    probe_epochs: int = typer.Option(30, help="Epochs of head training (the same for every encoder)."),
+    device: Optional[str] = typer.Option(None, help="Device for the probe: cpu or cuda (default: cuda if available)."),
+) -> None:
+    """Evaluate an encoder (checkpoint or random init) on one task and append the results."""
+    import torch
+
+    from sslbench.evaluation import EncoderUnderTest, check_task, evaluate, load_splits
+    from sslbench.tasks import ProbeConfig
+
+    _positive("probe-epochs", probe_epochs)
+    _positive("train-limit", train_limit)
+    _positive("test-limit", test_limit)
+    _positive("image-size", image_size)
+    protocol = check_task(task, protocol, data)
+    if (checkpoint is None) == (not random):
+        raise ConfigError("give exactly one of --checkpoint PATH or --random")
+    train, test = load_splits(data, data_root, image_size, train_limit, test_limit)
+    subject = _subject(checkpoint, random, backbone, width, seed, train.image_size[0])
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = evaluate(subject, task, protocol, data, train, test, ProbeConfig(epochs=probe_epochs, seed=seed, device=device), out)
+    typer.echo(f"{subject.method} {task}/{protocol} on {data}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+def _subject(checkpoint: Optional[Path], random: bool, backbone: str, width: float, seed: int, image_size: int):
+    import torch
+
+    from sslbench.backbones import backbone_spec, build_encoder
+    from sslbench.engine import load_encoder
+    from sslbench.evaluation import EncoderUnderTest
+
+    if random:
+        torch.manual_seed(seed)
+        encoder = build_encoder(backbone_spec(backbone, width, image_size)).eval()
+        return EncoderUnderTest(encoder, f"random-{backbone}", "random", 0)
+    encoder, meta = load_encoder(checkpoint)
+    return EncoderUnderTest(encoder, meta.get("method", "unknown"), str(checkpoint), int(meta.get("epochs", 0)))
+
+
+@app.command()
+def results(path: Path = typer.Argument(Path("runs/demo"), help="A results.jsonl file or the folder holding it.")) -> None:
+    """Print the method x task table of a results file."""
+    from sslbench.results import load_rows, render_table, results_path
+
+    render_table(load_rows(path), title=str(results_path(path)))
+
+
+@app.command()
+def methods() -> None:
+    """List the pretraining methods and their options with defaults."""
+    import dataclasses
+
+    from sslbench.methods import METHODS
+
+    for name, cls in METHODS.items():
+        options = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Options))
+        typer.echo(f"{name}: {options}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Output folder for checkpoints and results.jsonl."),
+    fast: bool = typer.Option(False, "--fast", help="A smaller run (about a minute on 2 cores) for CI and a first look."),
+    seed: int = typer.Option(0, help="Random seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the contents of a non-empty --out."),
+) -> None:
+    """Pretrain SimCLR and DDAE on the built-in scenes, evaluate them and random init on four tasks, print the table."""
+    from sslbench.demo import run_demo
+
+    run_demo(out, fast=fast, seed=seed, overwrite=overwrite)
+
+
+def main() -> None:
+    """Entry point: run the app, turning every user error into one line and exit code 2."""
+    _quiet()
+    os.environ.setdefault("TQDM_MININTERVAL", "1")
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.stderr.write("aborted\n")
+        sys.exit(130)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "sslbench"
+        sys.stderr.write(f"error: {exc.format_message()}; see '{command} --help'\n")
+        sys.exit(2)
+    except SslbenchError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(2)

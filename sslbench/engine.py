@@ -1,0 +1,245 @@
+"""The training engine: Lightning Trainer set-up, the uint8 batch loader, checkpoints and export.
+
+CPU or GPU is chosen automatically. On a GPU the run uses bf16 autocast and channels_last; several
+GPUs or nodes use Lightning's DDP/FSDP strategies unchanged (``strategy``/``devices``/``num_nodes``).
+Checkpoints are written atomically (temporary file, then rename), so a killed run never leaves a
+truncated ``last.ckpt``; ``resume=True`` continues from it with the same optimiser, schedule, epoch
+and per-step random streams.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from safetensors.torch import load_file, save_file
+
+from sslbench import __version__
+from sslbench.backbones import Encoder, build_encoder
+from sslbench.errors import ConfigError, SslbenchError
+
+ENCODER_WEIGHTS = "encoder.safetensors"
+ENCODER_SPEC = "encoder.json"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+class ShuffledBatches(torch.utils.data.Dataset):
+    """Item i is batch i of a (seed, epoch)-seeded permutation, gathered with one indexing op.
+
+    Yielding whole uint8 batches (the DataLoader runs with ``batch_size=None``) avoids per-sample
+    Python work and collation; under DDP Lightning's distributed sampler splits the batch indices
+    across processes, so each process gets different batches of the same permutation.
+    """
+
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int):
+        if len(images) < batch_size:
+            raise ConfigError(f"batch size {batch_size} is larger than the dataset ({len(images)} images); lower --batch-size")
+        self.images = images
+        self.batch_size = batch_size
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        self.order = torch.randperm(len(self.images), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.images) // self.batch_size  # drop_last: every step sees a full batch
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[self.order[index * self.batch_size:(index + 1) * self.batch_size]]
+
+
+class _EpochShuffle(Callback):
+    def __init__(self, dataset: ShuffledBatches):
+        self.dataset = dataset
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.dataset.set_epoch(trainer.current_epoch)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to ``path.tmp`` and rename, so ``last.ckpt`` is always complete."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+class TrainingStats(Callback):
+    """Per epoch: seconds of training (callbacks such as kNN monitors excluded), images seen, mean loss."""
+
+    def __init__(self) -> None:
+        self.epoch_seconds: list[float] = []
+        self.images_seen: list[int] = []
+        self.epoch_losses: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+        self._images = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._images += len(batch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self.epoch_seconds.append(time.perf_counter() - self._start)
+        self.images_seen.append(self._images)
+        loss = trainer.callback_metrics.get("loss_epoch")
+        self.epoch_losses.append(float(loss) if loss is not None else float("nan"))
+
+
+class ExportEncoder(Callback):
+    """Export the encoder (safetensors + JSON spec) at the end of every epoch and of training."""
+
+    def __init__(self, out: Path, info: dict[str, Any]):
+        self.out = out
+        self.info = info
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            export_encoder(pl_module.export_encoder(), self.out, {**self.info, "epochs": trainer.current_epoch + 1})
+
+
+@dataclass
+class RunConfig:
+    """Where and how to run: output folder, devices, precision."""
+
+    out: Path
+    accelerator: str = "auto"
+    devices: str = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str | None = None
+    resume: bool = False
+    progress: bool = True
+    compile: bool = False
+
+
+def cuda_available(accelerator: str) -> bool:
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def make_trainer(run: RunConfig, epochs: int, callbacks: list[Callback]) -> L.Trainer:
+    on_gpu = cuda_available(run.accelerator)
+    precision = run.precision or ("bf16-mixed" if on_gpu else "32-true")
+    checkpoint = ModelCheckpoint(dirpath=run.out, filename="epoch{epoch}", save_last=True, save_top_k=0, every_n_epochs=1)
+    callbacks = [*callbacks, checkpoint]
+    if run.progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    return L.Trainer(
+        accelerator=run.accelerator, devices=run.devices, strategy=run.strategy, num_nodes=run.num_nodes,
+        precision=precision, max_epochs=epochs, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        default_root_dir=run.out, logger=False, enable_progress_bar=run.progress, enable_model_summary=False,
+        num_sanity_val_steps=0, log_every_n_steps=10, deterministic=False, benchmark=on_gpu,
+    )
+
+
+def export_encoder(encoder: Encoder, out: Path, info: dict[str, Any]) -> Path:
+    """Write ``encoder.safetensors`` and ``encoder.json`` (spec + provenance) atomically into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
+             for k, v in encoder.state_dict().items()}
+    tmp = out / (ENCODER_WEIGHTS + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, out / ENCODER_WEIGHTS)
+    meta = {"spec": encoder.spec, "sslbench_version": __version__, **info}
+    tmp_json = out / (ENCODER_SPEC + ".tmp")
+    tmp_json.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp_json, out / ENCODER_SPEC)
+    return out / ENCODER_WEIGHTS
+
+
+def load_encoder(path: Path) -> tuple[Encoder, dict[str, Any]]:
+    """Rebuild an exported encoder from its folder (or its ``encoder.safetensors`` / ``encoder.json``)."""
+    folder = path if path.is_dir() else path.parent
+    spec_file, weights = folder / ENCODER_SPEC, folder / ENCODER_WEIGHTS
+    if not path.exists():
+        raise SslbenchError(f"checkpoint {path} not found; pass the output folder of 'sslbench pretrain' (it holds {ENCODER_WEIGHTS})")
+    if not spec_file.is_file() or not weights.is_file():
+        raise SslbenchError(f"checkpoint folder {folder} has no {ENCODER_SPEC} + {ENCODER_WEIGHTS}; pass the output folder of 'sslbench pretrain'")
+    try:
+        meta = json.loads(spec_file.read_text())
+        encoder = build_encoder(meta["spec"])
+        state = load_file(str(weights))
+    except (json.JSONDecodeError, KeyError, OSError, RuntimeError) as exc:
+        raise SslbenchError(f"checkpoint {folder} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); re-export it with 'sslbench pretrain'") from None
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SslbenchError(f"checkpoint {weights} does not match its spec ({len(missing)} missing, {len(unexpected)} unexpected tensors); re-export it")
+    encoder.eval()
+    return encoder, meta
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run produced, for the CLI, the demo and the benchmarks."""
+
+    out: Path
+    method: str
+    epoch_seconds: list[float]
+    epoch_losses: list[float]
+    images_per_second: float
+    final_loss: float
+    peak_memory_mb: float
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (CPU), or peak allocated GPU memory when on CUDA."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pretrain(method_name: str, images: torch.Tensor, run: RunConfig, backbone: dict[str, Any] | None = None,
+             options: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
+             callbacks: list[Callback] | None = None, info: dict[str, Any] | None = None) -> PretrainResult:
+    """Pretrain ``method_name`` on uint8 ``images`` (N, 3, H, W) and export its encoder to ``run.out``."""
+    from sslbench.config import apply_overrides
+    from sslbench.methods import METHODS, TrainConfig
+
+    if method_name not in METHODS:
+        raise ConfigError(f"unknown method {method_name!r}; use one of {', '.join(sorted(METHODS))}")
+    cls = METHODS[method_name]
+    method_options = apply_overrides(cls.Options(), options or {}, f" for method {method_name}")
+    train_config = apply_overrides(apply_overrides(TrainConfig(), cls.train_defaults), train or {}, " for training")
+    train_config.validate()
+    last = run.out / LAST_CHECKPOINT
+    if run.resume and not last.is_file():
+        raise SslbenchError(f"--resume given but {last} does not exist; drop --resume to start a new run in {run.out}")
+    if not run.resume and last.is_file():
+        raise SslbenchError(f"{run.out} already holds a run ({LAST_CHECKPOINT}); pass --resume to continue it or choose another --out")
+    torch.manual_seed(train_config.seed)
+    dataset = ShuffledBatches(images, train_config.batch_size, train_config.seed)
+    image_size = int(images.shape[-1])
+    module = cls(backbone or dict(cls.default_backbone), method_options, train_config, image_size, len(dataset))
+    if cuda_available(run.accelerator):
+        module = module.to(memory_format=torch.channels_last)
+    run.out.mkdir(parents=True, exist_ok=True)
+    if run.compile:
+        module.encoder = torch.compile(module.encoder)
+    stats = TrainingStats()
+    meta = {"method": method_name, "image_size": image_size, "options": method_options.__dict__, "train": train_config.__dict__, **(info or {})}
+    trainer = make_trainer(run, train_config.epochs, [_EpochShuffle(dataset), stats, ExportEncoder(run.out, meta), *(callbacks or [])])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0,
+                                         pin_memory=cuda_available(run.accelerator))
+    trainer.fit(module, loader, ckpt_path=str(last) if run.resume else None)
+    seconds = sum(stats.epoch_seconds)
+    return PretrainResult(
+        out=run.out, method=method_name, epoch_seconds=stats.epoch_seconds, epoch_losses=stats.epoch_losses,
+        images_per_second=sum(stats.images_seen) / seconds if seconds else 0.0,
+        final_loss=stats.epoch_losses[-1] if stats.epoch_losses else float("nan"), peak_memory_mb=peak_memory_mb(),
+    )

@@ -1,0 +1,62 @@
+"""Evaluate any encoder on a task: load the dataset's two splits, run the task, append result rows."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sslbench.backbones import Encoder
+from sslbench.data import ImageSet, dataset_entry, load_dataset
+from sslbench.errors import ConfigError
+from sslbench.results import append_rows
+from sslbench.tasks import TASKS, ProbeConfig
+
+
+@dataclass
+class EncoderUnderTest:
+    """An encoder plus the labels its result rows carry."""
+
+    encoder: Encoder
+    method: str
+    checkpoint: str
+    epochs: int
+
+
+def check_task(task: str, protocol: str | None, dataset: str) -> str:
+    """Validate (task, protocol, dataset) before any work; return the protocol (default: the task's first)."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    protocols = TASKS[task].protocols
+    protocol = protocol or protocols[0]
+    if protocol not in protocols:
+        raise ConfigError(f"task {task} has no protocol {protocol!r}; use one of {', '.join(protocols)}")
+    entry = dataset_entry(dataset)
+    if task not in entry.tasks:
+        raise ConfigError(f"dataset {dataset} has no labels for task {task}; it supports {', '.join(entry.tasks)}")
+    return protocol
+
+
+def load_splits(dataset: str, root: str | Path | None, image_size: int | None, train_limit: int | None,
+                test_limit: int | None) -> tuple[ImageSet, ImageSet]:
+    entry = dataset_entry(dataset)
+    train = load_dataset(dataset, root, entry.train_split, image_size=image_size, limit=train_limit)
+    test = load_dataset(dataset, root, entry.test_split, image_size=image_size, limit=test_limit)
+    return train, test
+
+
+def evaluate(subject: EncoderUnderTest, task: str, protocol: str, dataset: str, train: ImageSet, test: ImageSet,
+             probe: ProbeConfig, out: Path | None, extra: dict[str, Any] | None = None) -> dict[str, float]:
+    """Run one (task, protocol) on the encoder and append one row per metric to ``out``'s results."""
+    start = time.perf_counter()
+    metrics = TASKS[task]().evaluate(subject.encoder, train, test, protocol, probe)
+    seconds = time.perf_counter() - start
+    if out is not None:
+        append_rows(out, [{
+            "method": subject.method, "checkpoint": subject.checkpoint, "dataset": dataset, "task": task,
+            "protocol": protocol, "metric": name, "value": float(value), "seed": probe.seed,
+            "epochs": subject.epochs, "seconds": round(seconds, 3), "train_size": len(train), "test_size": len(test),
+            **(extra or {}),
+        } for name, value in metrics.items()])
+    return metrics

@@ -1,0 +1,156 @@
+"""The thin engine-facing base of every pretraining method.
+
+A method subclasses ``PretrainMethod``, declares its hyper-parameters as an ``Options`` dataclass,
+and implements ``training_loss`` (views + loss on a uint8 batch). Everything else (optimiser, LR
+schedule, per-step seeding that makes resume exact, NaN checks, logging) lives here once. Methods
+never see the device count: Lightning's strategy runs them on CPU, one GPU or many nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import nn
+
+from sslbench.augment import ViewConfig, ViewMaker, step_generator
+from sslbench.backbones import Encoder, build_encoder
+from sslbench.config import check_range
+from sslbench.errors import ConfigError, TrainingError
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by all methods; each method may change the defaults."""
+
+    epochs: int = 15
+    batch_size: int = 256
+    optimizer: str = "sgd"
+    lr: float = 0.06
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_range("epochs", self.epochs, 1)
+        check_range("batch_size", self.batch_size, 2)
+        check_range("lr", self.lr, 0.0)
+        check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("warmup_epochs", self.warmup_epochs, 0.0)
+        if self.optimizer not in ("sgd", "adamw", "adam"):
+            raise ConfigError(f"option optimizer={self.optimizer!r} is not allowed; use one of sgd, adamw, adam")
+
+
+def simclr_view(size: int) -> ViewConfig:
+    """The SimCLR CIFAR recipe (crop 0.08-1, flip, jitter 0.8/0.8/0.8/0.2 p 0.8, grey 0.2, no blur)."""
+    return ViewConfig(size=size)
+
+
+class PretrainMethod(L.LightningModule):
+    """Base LightningModule: an encoder plus whatever heads the method adds.
+
+    Subclasses set ``name``, ``Options`` and optionally ``train_defaults`` / ``default_backbone``,
+    build their heads in ``build`` and return ``(loss, logs)`` from ``training_loss``.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    default_backbone: ClassVar[dict[str, Any]] = {"backbone": "resnet18", "width": 1.0}
+
+    def __init__(self, backbone: dict[str, Any], options: Any, train: TrainConfig, image_size: int, steps_per_epoch: int):
+        super().__init__()
+        self.backbone_spec = dict(backbone)
+        self.options = options
+        self.train_config = train
+        self.image_size = image_size
+        self.steps_per_epoch = steps_per_epoch
+        self.save_hyperparameters({
+            "method": self.name, "backbone": self.backbone_spec, "options": dataclasses.asdict(options),
+            "train": dataclasses.asdict(train), "image_size": image_size, "steps_per_epoch": steps_per_epoch,
+        })
+        self.encoder = self.build_encoder()
+        self.build()
+
+    # --- for subclasses -------------------------------------------------------------------------
+    def build_encoder(self) -> Encoder:
+        return build_encoder(self.backbone_spec)
+
+    def build(self) -> None:
+        """Create heads, target networks, queues."""
+
+    def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Momentum/EMA updates; called after every optimiser step."""
+
+    def export_encoder(self) -> Encoder:
+        """The encoder that downstream tasks should evaluate (e.g. an EMA copy)."""
+        return self.encoder
+
+    def make_views(self, configs: list[ViewConfig]) -> ViewMaker:
+        return ViewMaker(configs)
+
+    # --- shared machinery -----------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return self.train_config.epochs * self.steps_per_epoch
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        step = self.global_step
+        # Every random choice of a step depends only on (seed, step, rank): resuming from a checkpoint
+        # replays exactly the same views, noise and dropout as an uninterrupted run.
+        seed = self.train_config.seed * 1_000 + self.global_rank
+        torch.manual_seed(seed * 1_000_003 + step)
+        loss, logs = self.training_loss(batch, step_generator(seed, step))
+        if not bool(torch.isfinite(loss.detach())):
+            raise TrainingError(
+                f"{self.name} loss became {loss.item()} at step {step} (epoch {self.current_epoch}); "
+                f"lower the learning rate (now --set lr={self.train_config.lr}) or check the input data"
+            )
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch))
+        for key, value in logs.items():
+            self.log(key, value, on_step=False, on_epoch=True, batch_size=len(batch))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.after_optimizer_step()
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on weights only: biases and normalisation parameters are excluded (standard)."""
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim <= 1 else decay).append(param)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.train_config
+        groups = self.parameter_groups()
+        if cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = int(cfg.warmup_epochs * self.steps_per_epoch)
+        total = max(1, self.total_steps)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,85 @@
+"""DDAE: a denoising diffusion model as a self-supervised encoder (Xiang et al. 2023, "Denoising Diffusion
+Autoencoders are Unified Self-supervised Learners"). Pretraining is plain DDPM training; the features are
+read by ``sslbench.backbones.diffusion.DiffusionEncoder``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslbench.backbones.base import Encoder
+from sslbench.backbones.diffusion import DDPMSchedule, DiffusionEncoder
+from sslbench.backbones.unet import UNET_PRESETS, UNet, UNetConfig
+from sslbench.errors import ConfigError
+from sslbench.methods.base import PretrainMethod
+from sslbench.methods.parts import ema_update, frozen_copy
+
+
+def ddpm_loss(unet: nn.Module, schedule: DDPMSchedule, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The DDPM "simple" loss (Ho et al. 2020, eq. 14): ``E_{t, eps} || eps - eps_theta(x_t, t) ||^2``.
+
+    ``x0``: clean images scaled to [-1, 1], (B, C, H, W). One timestep per image is drawn uniformly from
+    ``[0, num_steps)``, ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with ``eps ~ N(0, I)``, and the
+    mean squared error over all elements is returned. ``generator`` (on ``x0``'s device) makes the draw
+    reproducible.
+    """
+    t = torch.randint(0, schedule.num_steps, (x0.shape[0],), device=x0.device, generator=generator)
+    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    return F.mse_loss(unet(schedule.add_noise(x0, t, noise), t), noise)
+
+
+@dataclass
+class DDAEOptions:
+    """DDPM training (Ho et al. 2020) plus the readout that the exported encoder uses."""
+
+    unet: str = "small"
+    ema_decay: float = 0.9999
+    hflip: bool = True
+    readout_t: int = 11
+    readout_block: str = "mid"
+
+
+class DDAE(PretrainMethod):
+    """Train a DDPM U-Net; export its EMA weights as a ``DiffusionEncoder`` at (readout_t, readout_block)."""
+
+    name = "ddae"
+    Options = DDAEOptions
+    # DDPM's CIFAR recipe uses Adam 2e-4 without weight decay; the study found AdamW better (0.913 vs 0.907).
+    train_defaults = {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0, "batch_size": 128, "warmup_epochs": 0.0}
+    default_backbone = {"backbone": "ddpm_unet"}
+
+    def build_encoder(self) -> Encoder:
+        o = self.options
+        config = UNetConfig(**self.backbone_spec["unet"]) if "unet" in self.backbone_spec else UNET_PRESETS.get(o.unet)
+        if config is None:
+            raise ConfigError(f"unknown U-Net preset unet={o.unet!r}; use one of {', '.join(UNET_PRESETS)}")
+        return DiffusionEncoder(UNet(config), t=o.readout_t, block=o.readout_block)
+
+    def build(self) -> None:
+        self.ema_unet = frozen_copy(self.encoder.unet)
+
+    def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        x = images.float() / 127.5 - 1.0
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        if self.options.hflip:
+            flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        device_generator = torch.Generator(device=x.device).manual_seed(seed)
+        return ddpm_loss(self.encoder.unet, self.encoder.schedule, x, device_generator), {}
+
+    def after_optimizer_step(self) -> None:
+        # Warm-up of the EMA decay (as in TF's ExponentialMovingAverage with num_updates): short runs
+        # would otherwise export weights still close to the random initialisation.
+        step = self.global_step
+        decay = min(self.options.ema_decay, (1 + step) / (10 + step))
+        ema_update(self.ema_unet, self.encoder.unet, decay)
+
+    def export_encoder(self) -> Encoder:
+        return DiffusionEncoder(self.ema_unet, t=self.options.readout_t, block=self.options.readout_block,
+                                schedule=self.encoder.schedule)

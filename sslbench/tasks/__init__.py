@@ -1,0 +1,27 @@
+"""Downstream tasks: a head trained on a frozen encoder's features, returning named metrics.
+
+``TASKS`` maps a task name to its class; every task has ``evaluate(encoder, train, test, protocol,
+config) -> dict[str, float]``. A new task is one module with a ``Task`` subclass plus one line here.
+"""
+
+from sslbench.tasks.classification import ClassificationTask
+from sslbench.tasks.counting import CountingTask
+from sslbench.tasks.depth import DepthTask
+from sslbench.tasks.probe import CachedFeatures, ProbeConfig, Task, extract_features
+from sslbench.tasks.segmentation import SegmentationTask
+
+TASKS: dict[str, type[Task]] = {
+    task.name: task for task in (ClassificationTask, CountingTask, DepthTask, SegmentationTask)
+}
+
+__all__ = [
+    "TASKS",
+    "CachedFeatures",
+    "ClassificationTask",
+    "CountingTask",
+    "DepthTask",
+    "ProbeConfig",
+    "SegmentationTask",
+    "Task",
+    "extract_features",
+]

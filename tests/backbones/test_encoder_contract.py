@@ -1,0 +1,56 @@
+"""Every backbone satisfies the Encoder contract: pooled (B, pooled_dim), maps keyed by stride."""
+
+import pytest
+import torch
+
+from sslbench.backbones import backbone_spec, build_encoder
+from sslbench.errors import ConfigError
+
+CASES = [
+    ("resnet18", 0.25, 32, 128, {1: 16, 2: 32, 4: 64, 8: 128}),
+    ("resnet18", 1.0, 32, 512, {1: 64, 2: 128, 4: 256, 8: 512}),
+    ("resnet50", 0.25, 32, 512, {1: 64, 2: 128, 4: 256, 8: 512}),
+    ("resnet18", 0.25, 128, 128, {4: 16, 8: 32, 16: 64, 32: 128}),
+    ("unet-tiny", 1.0, 32, None, None),
+]
+
+
+@pytest.mark.parametrize("name,width,size,pooled_dim,channels", CASES)
+def test_encoder_contract(name, width, size, pooled_dim, channels):
+    encoder = build_encoder(backbone_spec(name, width, size)).eval()
+    if pooled_dim is not None:
+        assert encoder.pooled_dim == pooled_dim
+        assert encoder.map_channels == channels
+    with torch.no_grad():
+        features = encoder(torch.rand(2, 3, size, size))
+    assert features.pooled.shape == (2, encoder.pooled_dim)
+    assert set(features.maps) == set(encoder.map_channels)
+    for stride, fmap in features.maps.items():
+        assert fmap.shape == (2, encoder.map_channels[stride], size // stride, size // stride)
+    assert list(features.maps) == sorted(features.maps)  # finest first
+
+
+def test_spec_round_trip_rebuilds_the_same_architecture():
+    encoder = build_encoder(backbone_spec("resnet18", 0.25))
+    clone = build_encoder(encoder.spec)
+    clone.load_state_dict(encoder.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    encoder.eval(), clone.eval()
+    assert torch.equal(encoder(x).pooled, clone(x).pooled)
+
+
+def test_resnet18_quarter_width_parameter_count():
+    # C10-mini backbone: channels 16/32/64/128; full width is the classic 11.2M CIFAR ResNet-18.
+    full = build_encoder(backbone_spec("resnet18", 1.0))
+    assert round(sum(p.numel() for p in full.parameters()) / 1e6, 1) == 11.2
+
+
+@pytest.mark.parametrize("name", ["resnet19", "unet-huge", "vgg"])
+def test_unknown_backbone_is_a_config_error(name):
+    with pytest.raises(ConfigError, match="unknown"):
+        build_encoder(backbone_spec(name))
+
+
+def test_bad_width_is_a_config_error():
+    with pytest.raises(ConfigError, match="width"):
+        build_encoder(backbone_spec("resnet18", -1.0))

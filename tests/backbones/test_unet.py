@@ -1,0 +1,149 @@
+"""The DDPM U-Net: size of the paper's CIFAR-10 model, named blocks, early-stopping feature readout."""
+
+import json
+
+import pytest
+import torch
+
+from sslbench.backbones.unet import UNET_PRESETS, UNet, UNetConfig, timestep_embedding, unet_config_dict
+from sslbench.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These shapes are tiny: one thread is fastest, and OpenMP threads spin badly on a shared busy CPU.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+TINY_BLOCKS = ["in", "down0.0", "down0.down", "down1.0", "down1.down", "down2.0", "mid",
+               "up2.0", "up2.1", "up2.up", "up1.0", "up1.1", "up1.up", "up0.0", "up0.1", "out"]
+
+
+def random_unet(config: UNetConfig, seed: int = 0) -> UNet:
+    """A U-Net whose every weight is non-zero (the DDPM init zeroes residual branches and the output)."""
+    torch.manual_seed(seed)
+    unet = UNet(config).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0.0, 0.2)
+    return unet
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_ddpm_cifar10_is_the_papers_35_7m_parameter_model():
+    with torch.device("meta"):
+        unet = UNet(UNET_PRESETS["ddpm_cifar10"])
+    assert round(count(unet) / 1e6, 1) == 35.7
+    assert count(unet) == 35_746_307  # what the official DDAE code prints for its DDPM CIFAR-10 U-Net
+    assert unet.block_stride("down1.1") == 2 and unet.block_channels("mid") == 256
+
+
+def test_preset_sizes():
+    with torch.device("meta"):
+        assert count(UNet(UNET_PRESETS["tiny"])) < 300_000
+        assert round(count(UNet(UNET_PRESETS["small"])) / 1e6, 1) == 1.1
+
+
+def test_forward_predicts_noise_of_the_input_shape():
+    unet = random_unet(UNET_PRESETS["tiny"])
+    x = torch.randn(2, 3, 16, 24)
+    assert unet(x, torch.tensor([0, 999])).shape == x.shape
+    assert unet(x, torch.tensor(5)).shape == x.shape  # one timestep for the whole batch
+
+
+def test_untrained_unet_predicts_zero_noise():
+    unet = UNet(UNET_PRESETS["tiny"])
+    assert torch.count_nonzero(unet(torch.randn(2, 3, 16, 16), torch.tensor([3, 7]))) == 0
+
+
+def test_block_names_strides_and_channels_match_the_features():
+    unet = random_unet(UNET_PRESETS["tiny"])
+    assert unet.block_names() == TINY_BLOCKS
+    with torch.no_grad():
+        features = unet.forward_features(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), unet.block_names())
+    assert list(features) == TINY_BLOCKS
+    for name, feature in features.items():
+        stride = unet.block_stride(name)
+        assert feature.shape == (2, unet.block_channels(name), 32 // stride, 32 // stride), name
+
+
+def test_ddpm_cifar10_block_names():
+    with torch.device("meta"):
+        names = UNet(UNET_PRESETS["ddpm_cifar10"]).block_names()
+    assert names[:4] == ["in", "down0.0", "down0.1", "down0.down"]
+    assert names[names.index("mid") - 2:names.index("mid") + 4] == ["down3.0", "down3.1", "mid", "up3.0", "up3.1", "up3.2"]
+    assert names[-5:] == ["up1.up", "up0.0", "up0.1", "up0.2", "out"]
+    # DDAE's readout "out_6" (sixth decoder ResBlock) is up2.2.
+    assert [n for n in names if n.startswith("up") and not n.endswith(".up")][5] == "up2.2"
+
+
+def test_last_block_equals_forward():
+    unet = random_unet(UNET_PRESETS["tiny"])
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    with torch.no_grad():
+        assert torch.allclose(unet.forward_features(x, t, ["out"])["out"], unet(x, t))
+
+
+def test_forward_features_runs_only_as_far_as_needed():
+    unet = random_unet(UNET_PRESETS["tiny"])
+    calls = []
+    unet.mid.register_forward_hook(lambda *_: calls.append("mid"))
+    for level in unet.decoder:
+        for block in level.values():
+            block.register_forward_hook(lambda *_: calls.append("decoder"))
+    unet.out.register_forward_hook(lambda *_: calls.append("out"))
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([3])
+    unet.forward_features(x, t, ["down1.0"])
+    assert calls == []
+    unet.forward_features(x, t, ["mid", "in"])
+    assert calls == ["mid"]
+    calls.clear()
+    unet.forward_features(x, t, ["up2.0"])
+    assert calls == ["mid", "decoder"]
+
+
+def test_unknown_block_is_a_config_error():
+    unet = UNet(UNET_PRESETS["tiny"])
+    with pytest.raises(ConfigError, match="unknown U-Net block 'down9.0'"):
+        unet.forward_features(torch.zeros(1, 3, 16, 16), torch.tensor([0]), ["down9.0"])
+    with pytest.raises(ConfigError, match="unknown U-Net block"):
+        unet.block_stride("middle")
+
+
+def test_channels_last_gives_the_same_output():
+    unet = random_unet(UNetConfig(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(2,), dropout=0.0, groups=8))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 900])
+    with torch.no_grad():
+        expected = unet(x, t)
+        unet = unet.to(memory_format=torch.channels_last)
+        got = unet(x.contiguous(memory_format=torch.channels_last), t)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_through_in_place_ops_are_exact():
+    # The U-Net writes SiLU, time embedding and residual sums in place; gradcheck proves backward is exact.
+    config = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(1,), dropout=0.0, groups=4)
+    unet = random_unet(config).double()
+    x = torch.randn(1, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda inp: unet(inp, torch.tensor([7])), (x,), eps=1e-6, atol=1e-5)
+
+
+def test_timestep_embedding_is_sinusoidal():
+    emb = timestep_embedding(torch.tensor([0, 3]), 8)
+    assert emb.shape == (2, 8)
+    assert torch.equal(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    assert torch.isclose(emb[1, 0], torch.sin(torch.tensor(3.0)))  # the first frequency is 1
+
+
+def test_config_validation_and_json_round_trip():
+    with pytest.raises(ConfigError, match="attention_resolutions"):
+        UNetConfig(channel_mults=(1, 2), attention_resolutions=(4,))
+    with pytest.raises(ConfigError, match="groups"):
+        UNetConfig(base_channels=24, groups=32)
+    config = UNET_PRESETS["small"]
+    assert UNetConfig(**json.loads(json.dumps(unet_config_dict(config)))) == config

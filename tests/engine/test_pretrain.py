@@ -1,0 +1,92 @@
+"""Pretraining end to end on the procedural scenes: losses fall, resume is exact, exports reload."""
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+import torch
+from safetensors.torch import load_file
+
+from sslbench.data import load_dataset
+from sslbench.engine import LAST_CHECKPOINT, RunConfig, load_encoder, pretrain
+from sslbench.errors import ConfigError, SslbenchError
+
+RESNET = {"backbone": "resnet18", "width": 0.125, "stem": "cifar"}
+UNET = {"backbone": "ddpm_unet"}
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return load_dataset("scenes", None, "train", limit=256).images
+
+
+class _Interrupt(Callback):
+    """Stops training after ``epochs`` epochs, as a killed job would (its schedule still planned for more)."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def _run(tmp_path, name, images, method, backbone, epochs, resume=False, options=None, stop_after=None, **train):
+    options = options or ({"unet": "tiny"} if method == "ddae" else {})
+    return pretrain(method, images, RunConfig(out=tmp_path / name, progress=False, resume=resume),
+                    backbone=backbone, options=options, train={"epochs": epochs, "batch_size": 64, **train},
+                    callbacks=[_Interrupt(stop_after)] if stop_after else None)
+
+
+def test_simclr_training_lowers_the_loss(tmp_path, scenes):
+    # Batch 32: the loss starts near log(2 * 32 - 1) = 4.14 (chance) and must fall clearly below it.
+    result = _run(tmp_path, "simclr", scenes, "simclr", RESNET, 6, options={"temperature": 0.2}, batch_size=32)
+    assert result.epoch_losses[0] > 4.0
+    assert result.epoch_losses[-1] < result.epoch_losses[0] - 0.05
+    encoder, meta = load_encoder(tmp_path / "simclr")
+    assert meta["method"] == "simclr" and meta["epochs"] == 6
+    assert encoder(torch.rand(2, 3, 32, 32)).pooled.shape == (2, 64)
+
+
+def test_ddae_training_lowers_the_loss_and_exports_a_diffusion_encoder(tmp_path, scenes):
+    result = _run(tmp_path, "ddae", scenes, "ddae", UNET, 4, lr=2e-3)
+    assert result.epoch_losses[-1] < result.epoch_losses[0] * 0.8
+    encoder, meta = load_encoder(tmp_path / "ddae")
+    assert meta["spec"]["backbone"] == "ddpm_unet" and meta["spec"]["t"] == 11
+    features = encoder(torch.rand(2, 3, 32, 32))
+    assert features.pooled.shape == (2, encoder.pooled_dim)
+
+
+@pytest.mark.parametrize("method,backbone", [("simclr", RESNET), ("ddae", UNET)])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, scenes, method, backbone):
+    _run(tmp_path, "straight", scenes, method, backbone, 2)
+    _run(tmp_path, "split", scenes, method, backbone, 2, stop_after=1)
+    _run(tmp_path, "split", scenes, method, backbone, 2, resume=True)
+    straight = load_file(str(tmp_path / "straight" / "encoder.safetensors"))
+    split = load_file(str(tmp_path / "split" / "encoder.safetensors"))
+    assert straight.keys() == split.keys()
+    for key in straight:
+        assert torch.allclose(straight[key], split[key], atol=1e-6), key
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path, scenes):
+    _run(tmp_path, "a", scenes, "simclr", RESNET, 1)
+    assert (tmp_path / "a" / LAST_CHECKPOINT).is_file()
+    with pytest.raises(SslbenchError, match="--resume"):
+        _run(tmp_path, "a", scenes, "simclr", RESNET, 1)
+    with pytest.raises(SslbenchError, match="does not exist"):
+        _run(tmp_path, "b", scenes, "simclr", RESNET, 1, resume=True)
+    assert not (tmp_path / "b").exists()
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, scenes):
+    with pytest.raises(SslbenchError, match="loss became nan.*lower the learning rate"):
+        _run(tmp_path, "nan", scenes, "simclr", RESNET, 1, lr=1e30)
+
+
+def test_bad_options_fail_before_anything_is_written(tmp_path, scenes):
+    with pytest.raises(ConfigError, match="unknown option 'temprature'"):
+        pretrain("simclr", scenes, RunConfig(out=tmp_path / "x", progress=False), options={"temprature": "0.1"})
+    with pytest.raises(ConfigError, match="batch size 1024 is larger"):
+        _run(tmp_path, "x", scenes, "simclr", RESNET, 1, batch_size=1024)
+    with pytest.raises(ConfigError, match="unknown method"):
+        pretrain("simclrr", scenes, RunConfig(out=tmp_path / "x", progress=False))
+    assert not (tmp_path / "x").exists()

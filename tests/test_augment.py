@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from sslbench.augment import ViewConfig, ViewMaker, _shift_hue, augment, color_jitter, sample_crop_boxes, step_generator
+from sslbench.errors import ConfigError
+
+
+def _images(n=64, size=32, seed=0):
+    return (torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
+
+
+def test_view_shape_range_and_determinism():
+    images = _images()
+    config = ViewConfig(size=24, blur_p=0.5, solarize_p=0.2, cutout_p=0.3, noise_p=0.3, sobel_p=0.1, rotation_p=0.5, rotation_degrees=30)
+    a = augment(images, config, torch.Generator().manual_seed(1))
+    b = augment(images, config, torch.Generator().manual_seed(1))
+    c = augment(images, config, torch.Generator().manual_seed(2))
+    assert a.shape == (64, 3, 24, 24) and a.dtype == torch.float32
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_crop_box_scale_distribution_matches_torchvision():
+    """The batched sampler and torchvision's RandomResizedCrop draw the same distribution of areas."""
+    from torchvision.transforms import RandomResizedCrop
+
+    n = 4000
+    boxes = sample_crop_boxes(n, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
+    ours = (boxes[:, 2] * boxes[:, 3] / 1024).sort().values
+    torch.manual_seed(0)
+    ref = torch.tensor([h * w / 1024 for _, _, h, w in (RandomResizedCrop.get_params(torch.zeros(3, 32, 32), (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n))]).sort().values
+    assert abs(ours.mean() - ref.mean()) < 0.02
+    assert (ours - ref).abs().max() < 0.08  # quantile-quantile distance (two-sample KS-like bound)
+    assert ((boxes[:, 0] + boxes[:, 2]) <= 32).all() and ((boxes[:, 1] + boxes[:, 3]) <= 32).all()
+
+
+def test_full_crop_without_flip_is_identity():
+    images = _images(4)
+    config = ViewConfig(size=32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
+    out = augment(images, config, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, images.float() / 255, atol=1e-5)
+
+
+def test_flip_mirrors_the_image():
+    images = _images(4)
+    config = ViewConfig(size=32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_p=1.0, jitter_p=0.0, grayscale_p=0.0)
+    out = augment(images, config, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, images.float().flip(3) / 255, atol=1e-5)
+
+
+@pytest.mark.parametrize("op,factor", [(0, 1.4), (1, 0.6), (2, 1.7), (3, 0.15)])
+def test_colour_ops_match_torchvision(op, factor):
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(op))
+    factors = torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(6, 1)
+    factors[:, op] = factor
+    order = torch.arange(4).repeat(6, 1)
+    ours = color_jitter(x, factors, order)
+    ref_fn = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue][op]
+    ref = torch.stack([ref_fn(img, factor) for img in x])
+    assert torch.allclose(ours, ref, atol=2e-3)
+
+
+def test_grayscale_probability_and_colour_statistics():
+    images = _images(2000, 8)
+    config = ViewConfig(size=8, jitter_p=0.0, grayscale_p=0.2)
+    out = augment(images, config, torch.Generator().manual_seed(0))
+    is_gray = (out[:, 0] == out[:, 1]).flatten(1).all(1) & (out[:, 1] == out[:, 2]).flatten(1).all(1)
+    assert abs(is_gray.float().mean().item() - 0.2) < 0.03
+
+
+def test_bad_view_option_is_named():
+    with pytest.raises(ConfigError, match="grayscale_p"):
+        ViewMaker([ViewConfig(grayscale_p=1.5)])
+
+
+def test_step_generator_depends_only_on_seed_and_step():
+    a = torch.rand(3, generator=step_generator(0, 5))
+    assert torch.equal(a, torch.rand(3, generator=step_generator(0, 5)))
+    assert not torch.equal(a, torch.rand(3, generator=step_generator(0, 6)))

@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 from sslbench.errors import ConfigError, SslbenchError
@@ -21,6 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Self-supervised encoders (generative and contrastive) compared on four task types.")
 
 TASK_CHOICES = "classification, counting, depth, segmentation"
+# Typer's parse errors (a click UsageError, vendored inside typer in recent versions).
+USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
 def _quiet() -> None:
@@ -29,7 +30,8 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
+                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -115,7 +117,7 @@ def eval_(
     """Evaluate an encoder (checkpoint or random init) on one task and append the results."""
     import torch
 
-    from sslbench.evaluation import EncoderUnderTest, check_task, evaluate, load_splits
+    from sslbench.evaluation import check_task, evaluate, load_splits
     from sslbench.tasks import ProbeConfig
 
     _positive("probe-epochs", probe_epochs)
@@ -185,14 +187,16 @@ def main() -> None:
     _quiet()
     os.environ.setdefault("TQDM_MININTERVAL", "1")
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Abort:
+        code = app(standalone_mode=False)
+    except typer.Abort:
         sys.stderr.write("aborted\n")
         sys.exit(130)
-    except click.UsageError as exc:
+    except USAGE_ERROR as exc:
         command = exc.ctx.command_path if exc.ctx else "sslbench"
-        sys.stderr.write(f"error: {exc.format_message()}; see '{command} --help'\n")
+        message = " ".join(exc.format_message().split())
+        sys.stderr.write(f"error: {message}; see '{command} --help'\n")
         sys.exit(2)
     except SslbenchError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

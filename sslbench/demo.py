@@ -34,8 +34,8 @@ class DemoScale:
     probe_epochs: int
 
 
-FULL = DemoScale(train_images=4000, test_images=1000, simclr_epochs=12, ddae_epochs=6, probe_epochs=20)
-FAST = DemoScale(train_images=1024, test_images=256, simclr_epochs=2, ddae_epochs=1, probe_epochs=3)
+FULL = DemoScale(train_images=4000, test_images=1000, simclr_epochs=10, ddae_epochs=5, probe_epochs=15)
+FAST = DemoScale(train_images=512, test_images=256, simclr_epochs=1, ddae_epochs=1, probe_epochs=2)
 
 EVALUATIONS = (("classification", "knn"), ("classification", "linear"), ("counting", "linear"),
                ("depth", "probe"), ("segmentation", "probe"))
@@ -71,7 +71,10 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0, overwrite: bool = Fal
         encoder, meta = load_encoder(out / method)
         subjects.append(EncoderUnderTest(encoder, method, str(out / method), int(meta["epochs"])))
 
-    probe = ProbeConfig(epochs=scale.probe_epochs, seed=seed, device="cuda" if torch.cuda.is_available() else "cpu")
+    # Dense heads read maps of stride >= 2 through a 32-wide decoder: the same for every encoder, and
+    # cheap enough for a laptop CPU.
+    probe = ProbeConfig(epochs=scale.probe_epochs, seed=seed, dense_batch_size=64, decoder_width=32, finest_stride=2,
+                        device="cuda" if torch.cuda.is_available() else "cpu")
     for subject in subjects:
         for task, protocol in EVALUATIONS:
             metrics = evaluate(subject, task, protocol, "scenes", train, test, probe, out)

@@ -94,7 +94,7 @@ def summary_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
         cells[(row["method"], column)].append(float(row["value"]))
     order = list(HEADLINE_METRIC)
     columns.sort(key=lambda c: (order.index(c[0]) if c[0] in order else len(order), c[1]))
-    header = ["method"] + [f"{task} {protocol} {metric}{' (lower better)' if HEADLINE_METRIC.get(task, ('', False))[1] else ''}"
+    header = ["method"] + [f"{task}/{protocol} {metric} {'↓' if HEADLINE_METRIC.get(task, ('', False))[1] else '↑'}"
                            for task, protocol, metric in columns]
     body = []
     for method in methods:
@@ -121,9 +121,9 @@ def render_table(rows: list[dict[str, Any]], title: str = "sslbench results") ->
     from rich.table import Table
 
     header, body = summary_table(rows)
-    table = Table(title=title)
+    table = Table(title=title, caption="↑ higher is better, ↓ lower is better")
     for name in header:
-        table.add_column(name, justify="left" if name == "method" else "right")
+        table.add_column(name, justify="left" if name == "method" else "right", no_wrap=name == "method")
     for line in body:
         table.add_row(*line)
     Console().print(table)

@@ -41,9 +41,11 @@ class ProbeConfig:
     knn_k: int = 200
     knn_temperature: float = 0.1
     dense_batch_size: int = 32
+    decoder_width: int = 64
+    finest_stride: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "knn_k", "dense_batch_size"):
+        for name in ("epochs", "batch_size", "knn_k", "dense_batch_size", "decoder_width", "finest_stride"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ProbeConfig.{name} must be a positive integer, got {value!r}")
@@ -225,16 +227,19 @@ def dense_probe(
     test set, outputs at the test images' full resolution. ``output_bias`` starts the last layer's
     bias at a sensible value (e.g. the mean log-depth) so training does not spend its budget there.
     """
+    # Maps finer than ``finest_stride`` are left out (the decoder's cost grows with its finest
+    # resolution); an encoder with no map that coarse keeps its coarsest one.
+    strides = [s for s in train.map_channels if s >= config.finest_stride] or [max(train.map_channels)]
     with seeded(config.seed):
-        decoder = DenseDecoder(train.map_channels, out_channels)
+        decoder = DenseDecoder({s: train.map_channels[s] for s in strides}, out_channels, width=config.decoder_width)
         if output_bias is not None:
             nn.init.constant_(decoder.out.bias, output_bias)
 
     def apply_train(head: nn.Module, features: Features) -> torch.Tensor:
-        return head(features.maps, train.image_size)
+        return head({s: features.maps[s] for s in strides}, train.image_size)
 
     def apply_test(head: nn.Module, features: Features) -> torch.Tensor:
-        return head(features.maps, test.image_size)
+        return head({s: features.maps[s] for s in strides}, test.image_size)
 
     train_head(decoder, apply_train, train, train_targets, loss_fn, config, config.dense_batch_size)
     yield from predict_batches(decoder, apply_test, test, config, config.dense_batch_size)

@@ -1,0 +1,5 @@
+"""``python -m sslbench`` = the ``sslbench`` command."""
+
+from sslbench.cli import main
+
+main()

@@ -1,0 +1,82 @@
+"""The CLI: every bad input is one line naming the problem and the fix, exit code 2, nothing written."""
+
+import sys
+
+import pytest
+from PIL import Image
+
+from sslbench.cli import main
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["sslbench", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["pretrain", "--method", "simclrr"], "unknown method 'simclrr'; use one of"),
+    (["pretrain", "--method", "simclr", "--data", "imagenet"], "unknown dataset 'imagenet'"),
+    (["pretrain", "--method", "simclr", "--epochs", "abc"], "Invalid value for '--epochs'"),
+    (["pretrain", "--method", "simclr", "--epochs", "0"], "--epochs=0 is out of range"),
+    (["pretrain", "--method", "simclr", "--width", "-1"], "--width=-1.0 is out of range"),
+    (["pretrain", "--method", "simclr", "--set", "temperature"], "is not KEY=VALUE"),
+    (["pretrain", "--method", "simclr", "--set", "temprature=0.1", "--limit", "64"], "unknown option 'temprature'"),
+    (["pretrain", "--method", "simclr", "--set", "lr=fast", "--limit", "64"], "lr='fast' is not a valid float"),
+    (["pretrain", "--method", "simclr", "--data", "cifar10"], "needs --data-root"),
+    (["eval", "--task", "depthh", "--random"], "unknown task 'depthh'"),
+    (["eval", "--task", "depth", "--protocol", "knn", "--random"], "task depth has no protocol 'knn'"),
+    (["eval", "--task", "depth", "--data", "cifar10", "--random"], "dataset cifar10 has no labels for task depth"),
+    (["eval", "--task", "classification"], "give exactly one of --checkpoint PATH or --random"),
+])
+def test_bad_input_is_one_line_exit_2(monkeypatch, capsys, tmp_path, args, message):
+    out = tmp_path / "out"
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--out", out)
+    assert code == 2
+    assert message in err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_missing_and_wrongly_laid_out_data_roots(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--method", "simclr", "--data", "cifar10",
+                           "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o")
+    assert code == 2 and "nowhere" in err and "not found" in err and err.count("\n") == 1
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--method", "simclr", "--data", "cifar10",
+                           "--data-root", tmp_path / "empty", "--out", tmp_path / "o")
+    assert code == 2 and "cifar-10-batches-py" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_image_is_named(monkeypatch, capsys, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(folder / "good.png")
+    (folder / "bad.png").write_bytes(b"not a png at all")
+    code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--method", "simclr", "--data", "folder",
+                           "--data-root", folder, "--out", tmp_path / "o")
+    assert code == 2 and "bad.png" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_random_appends_rows_and_results_prints_the_table(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "eval"
+    code, stdout, _ = run_cli(monkeypatch, capsys, "eval", "--random", "--backbone", "resnet18", "--width", "0.125",
+                              "--task", "classification", "--protocol", "knn", "--train-limit", "200",
+                              "--test-limit", "50", "--out", out)
+    assert code == 0 and "top1=" in stdout
+    rows = (out / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and '"method": "random-resnet18"' in rows[0] and '"task": "classification"' in rows[0]
+    code, stdout, _ = run_cli(monkeypatch, capsys, "results", out)
+    assert code == 0 and "random-resnet18" in stdout and "classification/knn" in stdout
+
+
+def test_help_documents_every_option(monkeypatch, capsys):
+    code, stdout, _ = run_cli(monkeypatch, capsys, "pretrain", "--help")
+    assert code == 0
+    for option in ("--method", "--data", "--data-root", "--backbone", "--width", "--epochs", "--batch-size",
+                   "--limit", "--out", "--seed", "--resume", "--set"):
+        assert option in stdout

@@ -34,7 +34,7 @@ class DemoScale:
     probe_epochs: int
 
 
-FULL = DemoScale(train_images=4000, test_images=1000, simclr_epochs=10, ddae_epochs=5, probe_epochs=15)
+FULL = DemoScale(train_images=4000, test_images=1000, simclr_epochs=10, ddae_epochs=5, probe_epochs=6)
 FAST = DemoScale(train_images=512, test_images=256, simclr_epochs=1, ddae_epochs=1, probe_epochs=2)
 
 EVALUATIONS = (("classification", "knn"), ("classification", "linear"), ("counting", "linear"),

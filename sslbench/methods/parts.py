@@ -6,11 +6,14 @@ Methods import these instead of re-writing them, so a fix (say, to gathering und
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from sslbench.augment import ViewConfig
 
 
 class MLPHead(nn.Sequential):
@@ -94,3 +97,98 @@ def cosine_schedule(step: int, total_steps: int, start: float, end: float) -> fl
         return end
     progress = min(step, total_steps) / total_steps
     return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
+
+
+class Queue(nn.Module):
+    """A FIFO memory of the last ``size`` embeddings of all processes (MoCo's negatives, SwAV's codes).
+
+    Stored as buffers so that checkpoints (and hence resume) include it. ``enqueue`` gathers the
+    keys of every process first, so all processes hold the same queue, in the order a single process
+    would have written the concatenated batch.
+    """
+
+    def __init__(self, size: int, dim: int, random_init: bool = True):
+        super().__init__()
+        # MoCo starts from random unit vectors (its negatives are used from step 0); SwAV starts
+        # empty and is only used once ``is_full``.
+        keys = nn.functional.normalize(torch.randn(size, dim), dim=1) if random_init else torch.zeros(size, dim)
+        self.register_buffer("keys", keys)
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.tensor(size if random_init else 0, dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    @property
+    def is_full(self) -> bool:
+        return int(self.count) >= self.size
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        keys = gather_no_grad(keys.detach())[-self.size:].to(self.keys.dtype)
+        index = (self.pointer + torch.arange(len(keys), device=self.keys.device)) % self.size
+        self.keys[index] = keys
+        self.pointer.copy_((self.pointer + len(keys)) % self.size)
+        self.count.clamp_(max=self.size - len(keys)).add_(len(keys))
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp codes (SwAV, Caron et al. 2020, Alg. 1): soft assignments of a batch to prototypes.
+
+    ``scores`` (B, K) are sample-prototype similarities. Q = exp(scores / epsilon) is alternately
+    normalised so that each prototype receives 1/K of the total mass (rows of Q^T, summed over the
+    batch of *all* processes via all_reduce) and each sample 1/B; the result is multiplied by B so that
+    every sample's code sums to 1. Runs in float32 whatever the autocast precision.
+    """
+    q = (scores.float() / epsilon)
+    # Subtracting the global maximum (one scalar) changes nothing after normalisation but avoids overflow.
+    top = q.max()
+    if world_size() > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    q = torch.exp(q - top).t()  # (K, B)
+    batch = q.shape[1] * world_size()
+    prototypes = q.shape[0]
+    total = q.sum()
+    if world_size() > 1:
+        dist.all_reduce(total)
+    q /= total
+    for _ in range(iterations):
+        per_prototype = q.sum(dim=1, keepdim=True)
+        if world_size() > 1:
+            dist.all_reduce(per_prototype)
+        q /= per_prototype
+        q /= prototypes
+        q /= q.sum(dim=0, keepdim=True)
+        q /= batch
+    q *= batch
+    return q.t()
+
+
+def multicrop_views(base: ViewConfig, global_size: int, local_size: int, num_local: int,
+                    global_scale: tuple[float, float], local_scale: tuple[float, float]) -> list[ViewConfig]:
+    """Multi-crop (SwAV, Caron et al. 2020): 2 large crops then ``num_local`` small low-resolution ones.
+
+    ``base`` gives the colour recipe; the first two entries are the global views, the rest local.
+    """
+    globals_ = [dataclasses.replace(base, size=global_size, crop_scale=tuple(global_scale)) for _ in range(2)]
+    locals_ = [dataclasses.replace(base, size=local_size, crop_scale=tuple(local_scale)) for _ in range(num_local)]
+    return globals_ + locals_
+
+
+def pooled_by_resolution(encoder: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Pooled features of each view, one forward pass per run of equal-sized consecutive views.
+
+    Multi-crop batches the global views together and the local views together (BatchNorm sees each
+    resolution as one batch, as in SwAV's and DINO's code).
+    """
+    out: list[torch.Tensor] = []
+    start = 0
+    while start < len(views):
+        end = start
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        out.extend(encoder(torch.cat(views[start:end])).pooled.chunk(end - start))
+        start = end
+    return out

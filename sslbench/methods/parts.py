@@ -104,11 +104,12 @@ class Queue(nn.Module):
 
     Stored as buffers so that checkpoints (and hence resume) include it. ``enqueue`` gathers the
     keys of every process first, so all processes hold the same queue, in the order a single process
-    would have written the concatenated batch.
+    would have written the concatenated batch; ``gather=False`` keeps a per-process queue (SwAV's).
     """
 
-    def __init__(self, size: int, dim: int, random_init: bool = True):
+    def __init__(self, size: int, dim: int, random_init: bool = True, gather: bool = True):
         super().__init__()
+        self.gather = gather
         # MoCo starts from random unit vectors (its negatives are used from step 0); SwAV starts
         # empty and is only used once ``is_full``.
         keys = nn.functional.normalize(torch.randn(size, dim), dim=1) if random_init else torch.zeros(size, dim)
@@ -126,7 +127,10 @@ class Queue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        keys = gather_no_grad(keys.detach())[-self.size:].to(self.keys.dtype)
+        keys = keys.detach()
+        if self.gather:
+            keys = gather_no_grad(keys)
+        keys = keys[-self.size:].to(self.keys.dtype)
         index = (self.pointer + torch.arange(len(keys), device=self.keys.device)) % self.size
         self.keys[index] = keys
         self.pointer.copy_((self.pointer + len(keys)) % self.size)

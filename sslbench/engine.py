@@ -226,7 +226,7 @@ def pretrain(method_name: str, images: torch.Tensor, run: RunConfig, backbone: d
     dataset = ShuffledBatches(images, train_config.batch_size, train_config.seed)
     image_size = int(images.shape[-1])
     module = cls(backbone or dict(cls.default_backbone), method_options, train_config, image_size, len(dataset))
-    if cuda_available(run.accelerator):
+    if cuda_available(run.accelerator) and cls.channels_last:
         module = module.to(memory_format=torch.channels_last)
     run.out.mkdir(parents=True, exist_ok=True)
     if run.compile:

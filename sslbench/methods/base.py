@@ -62,6 +62,8 @@ class PretrainMethod(L.LightningModule):
     Options: ClassVar[type]
     train_defaults: ClassVar[dict[str, Any]] = {}
     default_backbone: ClassVar[dict[str, Any]] = {"backbone": "resnet18", "width": 1.0}
+    channels_last: ClassVar[bool] = True
+    """Whether the engine puts the model in channels_last on GPU (fast for BatchNorm convnets, slow for GroupNorm)."""
 
     def __init__(self, backbone: dict[str, Any], options: Any, train: TrainConfig, image_size: int, steps_per_epoch: int):
         super().__init__()

@@ -51,6 +51,8 @@ class DDAE(PretrainMethod):
     # DDPM's CIFAR recipe uses Adam 2e-4 without weight decay; the study found AdamW better (0.913 vs 0.907).
     train_defaults = {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0, "batch_size": 128, "warmup_epochs": 0.0}
     default_backbone = {"backbone": "ddpm_unet"}
+    # GroupNorm is slow in channels_last: the U-Net trained faster contiguous on CPU and on an H100.
+    channels_last = False
 
     def build_encoder(self) -> Encoder:
         o = self.options
@@ -68,8 +70,6 @@ class DDAE(PretrainMethod):
         if self.options.hflip:
             flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
         device_generator = torch.Generator(device=x.device).manual_seed(seed)
         return ddpm_loss(self.encoder.unet, self.encoder.schedule, x, device_generator), {}
 

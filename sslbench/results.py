@@ -21,6 +21,9 @@ from sslbench.errors import SslbenchError
 RESULTS_FILE = "results.jsonl"
 ROW_FIELDS = ("method", "checkpoint", "dataset", "task", "protocol", "metric", "value", "seed", "epochs", "seconds")
 
+# Short task names for table headers, so the table fits a terminal.
+SHORT_TASK = {"classification": "class", "counting": "count", "depth": "depth", "segmentation": "seg"}
+
 # The metric shown in the summary table for each task, and whether lower is better.
 HEADLINE_METRIC: dict[str, tuple[str, bool]] = {
     "classification": ("top1", False),
@@ -94,7 +97,7 @@ def summary_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
         cells[(row["method"], column)].append(float(row["value"]))
     order = list(HEADLINE_METRIC)
     columns.sort(key=lambda c: (order.index(c[0]) if c[0] in order else len(order), c[1]))
-    header = ["method"] + [f"{task}/{protocol} {metric} {'↓' if HEADLINE_METRIC.get(task, ('', False))[1] else '↑'}"
+    header = ["method"] + [f"{SHORT_TASK.get(task, task)}/{protocol} {metric} {'↓' if HEADLINE_METRIC.get(task, ('', False))[1] else '↑'}"
                            for task, protocol, metric in columns]
     body = []
     for method in methods:
@@ -126,4 +129,5 @@ def render_table(rows: list[dict[str, Any]], title: str = "sslbench results") ->
         table.add_column(name, justify="left" if name == "method" else "right", no_wrap=name == "method")
     for line in body:
         table.add_row(*line)
-    Console().print(table)
+    console = Console()
+    Console(width=max(console.width, 120)).print(table)

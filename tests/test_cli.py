@@ -71,7 +71,7 @@ def test_eval_random_appends_rows_and_results_prints_the_table(monkeypatch, caps
     rows = (out / "results.jsonl").read_text().splitlines()
     assert len(rows) == 1 and '"method": "random-resnet18"' in rows[0] and '"task": "classification"' in rows[0]
     code, stdout, _ = run_cli(monkeypatch, capsys, "results", out)
-    assert code == 0 and "random-resnet18" in stdout and "classification/knn" in stdout
+    assert code == 0 and "random-resnet18" in stdout and "class/knn top1" in stdout
 
 
 def test_help_documents_every_option(monkeypatch, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import time
 from datetime import date
 from pathlib import Path
@@ -23,9 +24,10 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 import sslbench
-from sslbench.backbones import backbone_spec, build_encoder
+from sslbench.backbones import backbone_spec
 from sslbench.data import load_dataset
 from sslbench.engine import RunConfig, pretrain
+from sslbench.evaluation import random_subject
 from sslbench.tasks import ProbeConfig
 from sslbench.tasks.classification import ClassificationTask
 from sslbench.tasks.metrics import knn_predict
@@ -85,18 +87,14 @@ def main() -> None:
                     "precision": args.precision, "date": str(date.today()), "floors": {}, "methods": {}}
     report["floors"]["raw pixels"] = raw_pixel_knn(train, test, probe)
     for method in args.methods:
-        torch.manual_seed(0)
-        random_encoder = build_encoder(RECIPES[method]["backbone"])
+        random_encoder = random_subject(RECIPES[method]["backbone"], "random", seed=0).encoder
         report["floors"][f"random init ({method} backbone)"] = ClassificationTask().evaluate(random_encoder, train, test, "knn", probe)["top1"]
     print(json.dumps(report["floors"], indent=1), flush=True)
     for method in args.methods:
         recipe = RECIPES[method]
-        monitor = KnnAtEpochs([e for e in (5, 10, 15) if e <= args.epochs] + ([args.epochs] if args.epochs not in (5, 10, 15) else []), train, test, probe)
+        monitor = KnnAtEpochs(sorted({e for e in (5, 10, 15) if e <= args.epochs} | {args.epochs}), train, test, probe)
         out = args.out / method
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
+        shutil.rmtree(out, ignore_errors=True)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()

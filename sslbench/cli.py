@@ -135,18 +135,12 @@ def eval_(
 
 
 def _subject(checkpoint: Optional[Path], random: bool, backbone: str, width: float, seed: int, image_size: int):
-    import torch
-
-    from sslbench.backbones import backbone_spec, build_encoder
-    from sslbench.engine import load_encoder
-    from sslbench.evaluation import EncoderUnderTest
+    from sslbench.backbones import backbone_spec
+    from sslbench.evaluation import checkpoint_subject, random_subject
 
     if random:
-        torch.manual_seed(seed)
-        encoder = build_encoder(backbone_spec(backbone, width, image_size)).eval()
-        return EncoderUnderTest(encoder, f"random-{backbone}", "random", 0)
-    encoder, meta = load_encoder(checkpoint)
-    return EncoderUnderTest(encoder, meta.get("method", "unknown"), str(checkpoint), int(meta.get("epochs", 0)))
+        return random_subject(backbone_spec(backbone, width, image_size), f"random-{backbone}", seed)
+    return checkpoint_subject(checkpoint)
 
 
 @app.command()

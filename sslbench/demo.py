@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from sslbench.backbones import backbone_spec, build_encoder
-from sslbench.data import load_dataset
-from sslbench.engine import RunConfig, load_encoder, pretrain
+from sslbench.backbones import backbone_spec
+from sslbench.engine import RunConfig, pretrain
 from sslbench.errors import SslbenchError
-from sslbench.evaluation import EncoderUnderTest, evaluate
+from sslbench.evaluation import checkpoint_subject, evaluate, load_splits, random_subject
 from sslbench.results import load_rows, render_table
 from sslbench.tasks import ProbeConfig
 
@@ -49,8 +48,7 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0, overwrite: bool = Fal
             raise SslbenchError(f"demo output folder {out} is not empty; pass --overwrite to replace it or choose another --out")
         shutil.rmtree(out)
     start = time.perf_counter()
-    train = load_dataset("scenes", None, "train", limit=scale.train_images)
-    test = load_dataset("scenes", None, "test", limit=scale.test_images)
+    train, test = load_splits("scenes", None, None, scale.train_images, scale.test_images)
     console.print(f"[bold]sslbench demo[/bold]: {len(train)} train / {len(test)} test procedural scenes at "
                   f"{train.image_size[0]}px, {'fast' if fast else 'full'} scale")
 
@@ -60,16 +58,12 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0, overwrite: bool = Fal
         "simclr": dict(backbone=resnet, train={"epochs": scale.simclr_epochs, "batch_size": 256, "seed": seed}),
         "ddae": dict(backbone=unet, train={"epochs": scale.ddae_epochs, "batch_size": 128, "seed": seed}),
     }
-    subjects = []
-    for spec, label in ((resnet, "random-resnet18"), (unet, "random-unet")):
-        torch.manual_seed(seed)
-        subjects.append(EncoderUnderTest(build_encoder(spec).eval(), label, "random", 0))
+    subjects = [random_subject(resnet, "random-resnet18", seed), random_subject(unet, "random-unet", seed)]
     for method, kwargs in runs.items():
         console.print(f"pretraining [bold]{method}[/bold] ...")
         result = pretrain(method, train.images, RunConfig(out=out / method), info={"data": "scenes"}, **kwargs)
         console.print(f"  {method}: {sum(result.epoch_seconds):.0f} s, {result.images_per_second:.0f} images/s, final loss {result.final_loss:.3f}")
-        encoder, meta = load_encoder(out / method)
-        subjects.append(EncoderUnderTest(encoder, method, str(out / method), int(meta["epochs"])))
+        subjects.append(checkpoint_subject(out / method))
 
     # Dense heads read maps of stride >= 2 through a 32-wide decoder: the same for every encoder, and
     # cheap enough for a laptop CPU.

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sslbench.backbones import Encoder
+import torch
+
+from sslbench.backbones import Encoder, build_encoder
 from sslbench.data import ImageSet, dataset_entry, load_dataset
+from sslbench.engine import load_encoder
 from sslbench.errors import ConfigError
 from sslbench.results import append_rows
 from sslbench.tasks import TASKS, ProbeConfig
@@ -22,6 +25,18 @@ class EncoderUnderTest:
     method: str
     checkpoint: str
     epochs: int
+
+
+def random_subject(spec: dict[str, Any], label: str, seed: int) -> EncoderUnderTest:
+    """The encoder of ``spec`` at random initialisation (seeded): the floor every method must clear."""
+    torch.manual_seed(seed)
+    return EncoderUnderTest(build_encoder(spec).eval(), label, "random", 0)
+
+
+def checkpoint_subject(path: Path) -> EncoderUnderTest:
+    """An exported encoder, labelled with the method and epochs recorded next to its weights."""
+    encoder, meta = load_encoder(path)
+    return EncoderUnderTest(encoder, meta.get("method", "unknown"), str(path), int(meta.get("epochs", 0)))
 
 
 def check_task(task: str, protocol: str | None, dataset: str) -> str:

@@ -1,10 +1,8 @@
-import math
-
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from sslbench.augment import ViewConfig, ViewMaker, _shift_hue, augment, color_jitter, sample_crop_boxes, step_generator
+from sslbench.augment import ViewConfig, ViewMaker, augment, color_jitter, sample_crop_boxes, step_generator
 from sslbench.errors import ConfigError
 
 

@@ -216,6 +216,31 @@ def augment(images: torch.Tensor, config: ViewConfig, generator: torch.Generator
     ``generator`` is a CPU generator: parameters are drawn on the CPU and sent to ``images.device``
     in one copy, so the same seed gives the same views on CPU and GPU.
     """
+    return _augment(images, config, generator)[0]
+
+
+def augment_with_masks(images: torch.Tensor, masks: torch.Tensor, config: ViewConfig,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``augment`` plus the same crop, flip and rotation applied to per-pixel integer ``masks`` (B, H, W).
+
+    The mask follows the image's sampling grid with nearest sampling (ids are never blended) and the
+    same reflection padding, so every view pixel keeps the id of the image pixel it shows; colour
+    transforms leave masks alone. The random draws are those of ``augment``: with the same generator
+    state the image views are identical to ``augment``'s. Returns (views, masks (B, size, size)).
+    """
+    views, grid = _augment(images, config, generator)
+    return views, warp_masks(masks.to(views.device), grid)
+
+
+def warp_masks(masks: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Sample integer ``masks`` (B, H, W) at ``grid`` (from ``F.affine_grid``) by nearest neighbour."""
+    ids = masks.unsqueeze(1).to(torch.float32)  # float32 holds every id below 2**24 exactly
+    warped = F.grid_sample(ids, grid, mode="nearest", padding_mode="reflection", align_corners=False)
+    return warped.squeeze(1).round().to(masks.dtype)
+
+
+def _augment(images: torch.Tensor, config: ViewConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The views and the ``affine_grid`` they were sampled with (crop, flip, rotation)."""
     n, _, height, width = images.shape
     device = images.device
     boxes = sample_crop_boxes(n, height, width, config.crop_scale, config.crop_ratio, generator)
@@ -271,7 +296,7 @@ def augment(images: torch.Tensor, config: ViewConfig, generator: torch.Generator
         device_gen = torch.Generator(device=device).manual_seed(seed)
         gaussian = torch.randn(x.shape, generator=device_gen, device=device, dtype=dtype) * config.noise_std
         x = _blend(noise, (x + gaussian).clamp(0, 1), x)
-    return x
+    return x, grid
 
 
 class ViewMaker:
@@ -287,9 +312,18 @@ class ViewMaker:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         out = [augment(images, view, generator) for view in self.views]
-        if images.is_cuda:
-            out = [v.contiguous(memory_format=torch.channels_last) for v in out]
-        return out
+        return [_channels_last(v) for v in out] if images.is_cuda else out
+
+    def with_masks(self, images: torch.Tensor, masks: torch.Tensor,
+                   generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The views (as ``__call__``) and each view's warped ``masks`` (B, size, size) (DetCon's segments)."""
+        pairs = [augment_with_masks(images, masks, view, generator) for view in self.views]
+        views = [_channels_last(v) if images.is_cuda else v for v, _ in pairs]
+        return views, [m for _, m in pairs]
+
+
+def _channels_last(view: torch.Tensor) -> torch.Tensor:
+    return view.contiguous(memory_format=torch.channels_last)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

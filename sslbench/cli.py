@@ -1,4 +1,4 @@
-"""The ``sslbench`` command line: demo, pretrain, eval, results.
+"""The ``sslbench`` command line: demo, pretrain, eval, bench, results.
 
 Every user mistake ends in one line on stderr that names the thing and the fix, and exit code 2.
 """
@@ -45,7 +45,7 @@ def pretrain(
     method: str = typer.Option(..., help="Method: simclr, ddae, ... (see 'sslbench methods')."),
     data: str = typer.Option("scenes", help="Dataset name: scenes (built in), cifar10, cifar100, folder, pets, clevr, nyu."),
     data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset in its official layout (not needed for scenes)."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone: resnet18, resnet34, resnet50, unet-tiny, unet-small, unet-ddpm_cifar10 (default: the method's)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone: resnet18, resnet34, resnet50, unet-tiny, unet-small, unet-ddpm_cifar10 (the 35.7M-parameter DDPM CIFAR-10 U-Net), vit-nano, vit-tiny, vit-small (vit-tiny/8: patch 8) (default: the method's)."),
     width: float = typer.Option(1.0, help="ResNet width multiplier (0.25 = C10-mini's 16/32/64/128 channels)."),
     image_size: Optional[int] = typer.Option(None, help="Resize images to this square size (default: the dataset's; 32 for scenes)."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the method's)."),
@@ -87,11 +87,15 @@ def pretrain(
             train[key] = value
     train["seed"] = seed
     entry = dataset_entry(data)
-    images = load_dataset(data, data_root, entry.train_split, image_size=image_size, limit=limit).images
+    dataset = load_dataset(data, data_root, entry.train_split, image_size=image_size, limit=limit)
+    images = dataset.images
+    # Mask-based methods (DetCon) get the ground-truth segmentation when the dataset has one.
+    masks = dataset.targets.get("mask") if METHODS[method].needs_masks else None
     spec = backbone_spec(backbone, width, int(images.shape[-1])) if backbone else None
     result = run_pretrain(method, images, RunConfig(out=out, devices=devices, strategy=strategy, num_nodes=num_nodes,
                                                     precision=precision, resume=resume, compile=compile),
-                          backbone=spec, options=options, train=train, info={"data": data, "train_images": len(images)})
+                          backbone=spec, options=options, train=train, info={"data": data, "train_images": len(images)},
+                          masks=masks)
     typer.echo(f"{method}: {len(result.epoch_seconds)} epochs this run, {result.images_per_second:.0f} images/s, "
                f"final loss {result.final_loss:.4f}; encoder exported to {out}")
 
@@ -99,11 +103,16 @@ def pretrain(
 @app.command("eval")
 def eval_(
     task: str = typer.Option(..., help=f"Task: {TASK_CHOICES}."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Output folder of 'sslbench pretrain' (holds encoder.safetensors + encoder.json)."),
-    random: bool = typer.Option(False, "--random", help="Evaluate a randomly initialised --backbone instead of a checkpoint."),
+    encoder: Optional[str] = typer.Option(None, help="Encoder to evaluate: timm:NAME (published weights; timm:NAME?pretrained=false "
+                                          "for random init), random:BACKBONE, or the output folder of 'sslbench pretrain'."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Output folder of 'sslbench pretrain' (holds encoder.safetensors + encoder.json); "
+                                              "the same as --encoder PATH."),
+    random: bool = typer.Option(False, "--random", help="Evaluate a randomly initialised --backbone; the same as --encoder random:BACKBONE."),
     backbone: str = typer.Option("resnet18", help="Backbone for --random (see 'sslbench pretrain --help')."),
-    width: float = typer.Option(1.0, help="ResNet width multiplier for --random."),
-    protocol: Optional[str] = typer.Option(None, help="classification: knn|linear; counting: linear; depth: probe; segmentation: probe."),
+    width: float = typer.Option(1.0, help="ResNet width multiplier for --random and --encoder random:BACKBONE."),
+    protocol: Optional[str] = typer.Option(None, help="classification: knn|linear|finetune|linear-1pct|linear-10pct|finetune-1pct|"
+                                           "finetune-10pct; counting: linear|conv|finetune; depth: probe|finetune (U-Net decoder); "
+                                           "segmentation: probe|finetune (DeepLabV3+)."),
     data: str = typer.Option("scenes", help="Dataset name (see 'sslbench pretrain --help')."),
     data_root: Optional[Path] = typer.Option(None, help="Dataset folder in its official layout."),
     image_size: Optional[int] = typer.Option(None, help="Resize images to this square size."),
@@ -111,13 +120,13 @@ def eval_(
     test_limit: Optional[int] = typer.Option(None, help="Use only the first N test images."),
     out: Path = typer.Option(Path("runs/eval"), help="Folder whose results.jsonl receives the rows."),
     seed: int = typer.Option(0, help="Seed of the probe (and of the random encoder)."),
-    probe_epochs: int = typer.Option(30, help="Epochs of head training (the same for every encoder)."),
+    probe_epochs: int = typer.Option(30, help="Epochs of head training, and of fine-tuning for finetune protocols (the same for every encoder)."),
     device: Optional[str] = typer.Option(None, help="Device for the probe: cpu or cuda (default: cuda if available)."),
 ) -> None:
-    """Evaluate an encoder (checkpoint or random init) on one task and append the results."""
+    """Evaluate an encoder (timm model, checkpoint or random init) on one task and append the results."""
     import torch
 
-    from sslbench.evaluation import check_task, evaluate, load_splits
+    from sslbench.evaluation import check_encoder_reference, check_task, evaluate, load_splits
     from sslbench.tasks import ProbeConfig
 
     _positive("probe-epochs", probe_epochs)
@@ -125,22 +134,72 @@ def eval_(
     _positive("test-limit", test_limit)
     _positive("image-size", image_size)
     protocol = check_task(task, protocol, data)
-    if (checkpoint is None) == (not random):
-        raise ConfigError("give exactly one of --checkpoint PATH or --random")
+    if (encoder is not None) + (checkpoint is not None) + random != 1:
+        raise ConfigError("give exactly one of --encoder (timm:NAME, random:BACKBONE or PATH), --checkpoint PATH or --random")
+    if checkpoint is None:
+        check_encoder_reference(encoder if encoder is not None else f"random:{backbone}")
     train, test = load_splits(data, data_root, image_size, train_limit, test_limit)
-    subject = _subject(checkpoint, random, backbone, width, seed, train.image_size[0])
+    subject = _subject(encoder, checkpoint, random, backbone, width, seed, train.image_size[0])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate(subject, task, protocol, data, train, test, ProbeConfig(epochs=probe_epochs, seed=seed, device=device), out)
     typer.echo(f"{subject.method} {task}/{protocol} on {data}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
-def _subject(checkpoint: Optional[Path], random: bool, backbone: str, width: float, seed: int, image_size: int):
-    from sslbench.backbones import backbone_spec
-    from sslbench.evaluation import checkpoint_subject, random_subject
+def _subject(encoder: Optional[str], checkpoint: Optional[Path], random: bool, backbone: str, width: float, seed: int,
+             image_size: int):
+    from sslbench.evaluation import checkpoint_subject, encoder_subject
 
-    if random:
-        return random_subject(backbone_spec(backbone, width, image_size), f"random-{backbone}", seed)
-    return checkpoint_subject(checkpoint)
+    if checkpoint is not None:
+        return checkpoint_subject(checkpoint)
+    return encoder_subject(encoder if encoder is not None else f"random:{backbone}", seed, image_size, width)
+
+
+@app.command("probe-diffusion")
+def probe_diffusion(
+    checkpoint: Path = typer.Option(..., help="Output folder of 'sslbench pretrain --method ddae' (or ddae_edm)."),
+    timesteps: Optional[str] = typer.Option(None, help="DDPM readout levels, comma-separated (0 = clean; default 0,11,50,100)."),
+    sigmas: Optional[str] = typer.Option(None, help="EDM readout noise levels for ddae_edm models (default: those of the default timesteps)."),
+    no_noise: bool = typer.Option(False, "--no-noise", help="Read the clean image only (t = 0): the study's no-noise ablation."),
+    blocks: Optional[str] = typer.Option(None, help="U-Net blocks, comma-separated, e.g. mid,up2.0,up1.1 (default: all)."),
+    weights: str = typer.Option("ema", help="ema (the exported weights) or raw (the training weights in last.ckpt)."),
+    head: str = typer.Option("linear", help="linear (on the pooled block), conv (a small conv head on the block's map) or knn (no training)."),
+    optimizer: str = typer.Option("adamw", help="Optimiser of the probe heads: adamw or adam."),
+    data: str = typer.Option("scenes", help="Dataset with class labels (see 'sslbench pretrain --help')."),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset folder in its official layout."),
+    image_size: Optional[int] = typer.Option(None, help="Resize images to this square size."),
+    train_limit: Optional[int] = typer.Option(None, help="Use only the first N training images."),
+    test_limit: Optional[int] = typer.Option(None, help="Use only the first N test images."),
+    out: Path = typer.Option(Path("runs/eval"), help="Folder whose results.jsonl receives one row per (t, block)."),
+    seed: int = typer.Option(0, help="Seed of the probes."),
+    probe_epochs: int = typer.Option(30, help="Epochs of head training per cell."),
+    device: Optional[str] = typer.Option(None, help="Device: cpu or cuda (default: cuda if available)."),
+) -> None:
+    """DDAE's readout study: one probe per (noise level t, U-Net block), one U-Net pass per t; prints the grid."""
+    import torch
+
+    from sslbench.diffusion_study import check_head, load_diffusion_encoder, print_grid, run_study, study_levels, study_rows
+    from sslbench.evaluation import check_task, load_splits
+    from sslbench.results import append_rows
+    from sslbench.tasks import ProbeConfig
+
+    _positive("probe-epochs", probe_epochs)
+    _positive("train-limit", train_limit)
+    _positive("test-limit", test_limit)
+    _positive("image-size", image_size)
+    check_task("classification", "linear", data)
+    check_head(head)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = ProbeConfig(epochs=probe_epochs, seed=seed, device=device, optimizer=optimizer)
+    encoder, meta = load_diffusion_encoder(checkpoint, weights)
+    levels = study_levels(encoder, timesteps, sigmas, no_noise)
+    block_names = [b.strip() for b in blocks.split(",") if b.strip()] if blocks else encoder.unet.block_names()
+    train, test = load_splits(data, data_root, image_size, train_limit, test_limit)
+    cells = run_study(encoder, train, test, levels, block_names, head, config)
+    common = {"checkpoint": str(checkpoint), "dataset": data, "task": "classification", "protocol": head, "seed": seed,
+              "epochs": int(meta.get("epochs", 0)), "train_size": len(train), "test_size": len(test),
+              "optimizer": optimizer, "formulation": encoder.schedule.spec()["formulation"], "study": "probe-diffusion"}
+    append_rows(out, study_rows(cells, common, meta.get("method", "unknown"), weights))
+    print_grid(cells, title=f"{meta.get('method', 'unknown')} {weights} {head} top-1 (* best)")
 
 
 @app.command()
@@ -149,6 +208,15 @@ def results(path: Path = typer.Argument(Path("runs/demo"), help="A results.jsonl
     from sslbench.results import load_rows, render_table, results_path
 
     render_table(load_rows(path), title=str(results_path(path)))
+
+
+@app.command()
+def bench(config: Path = typer.Argument(..., help="YAML file: out, datasets, encoders, tasks, seeds, probe (see configs/core_study_cpu.yaml).")) -> None:
+    """Run a matrix of encoders x tasks x protocols x seeds (pretraining where asked), skipping cells already in
+    out/results.jsonl, and print the table (mean ± std over seeds)."""
+    from sslbench.bench import load_bench_config, run_bench
+
+    run_bench(load_bench_config(config))
 
 
 @app.command()

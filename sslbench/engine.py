@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from sslbench import __version__
 from sslbench.backbones import Encoder, build_encoder
-from sslbench.errors import ConfigError, SslbenchError
+from sslbench.errors import ConfigError, DataError, SslbenchError
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_SPEC = "encoder.json"
@@ -36,13 +36,19 @@ class ShuffledBatches(torch.utils.data.Dataset):
 
     Yielding whole uint8 batches (the DataLoader runs with ``batch_size=None``) avoids per-sample
     Python work and collation; under DDP Lightning's distributed sampler splits the batch indices
-    across processes, so each process gets different batches of the same permutation.
+    across processes, so each process gets different batches of the same permutation. With
+    ``masks`` (N, H, W) (per-pixel segment ids, for methods with ``needs_masks``) an item is the pair
+    ``(images, masks)`` of the same rows; ``split_batch`` takes either form apart.
     """
 
-    def __init__(self, images: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int, masks: torch.Tensor | None = None):
         if len(images) < batch_size:
             raise ConfigError(f"batch size {batch_size} is larger than the dataset ({len(images)} images); lower --batch-size")
+        if masks is not None and masks.shape != (images.shape[0], *images.shape[2:]):
+            raise DataError(f"masks of shape {tuple(masks.shape)} do not match images {tuple(images.shape)}; "
+                            "give one (H, W) mask per image")
         self.images = images
+        self.masks = masks
         self.batch_size = batch_size
         self.seed = seed
         self.set_epoch(0)
@@ -54,8 +60,16 @@ class ShuffledBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images) // self.batch_size  # drop_last: every step sees a full batch
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.images[self.order[index * self.batch_size:(index + 1) * self.batch_size]]
+    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        return self.images[rows] if self.masks is None else (self.images[rows], self.masks[rows])
+
+
+def split_batch(batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, masks or None) of a ``ShuffledBatches`` item (Lightning may turn the pair into a list)."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0], batch[1]
+    return batch, None
 
 
 class _EpochShuffle(Callback):
@@ -89,7 +103,7 @@ class TrainingStats(Callback):
         self._images = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._images += len(batch)
+        self._images += len(split_batch(batch)[0])
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.strategy.root_device.type == "cuda":
@@ -134,7 +148,10 @@ def cuda_available(accelerator: str) -> bool:
 def make_trainer(run: RunConfig, epochs: int, callbacks: list[Callback]) -> L.Trainer:
     on_gpu = cuda_available(run.accelerator)
     precision = run.precision or ("bf16-mixed" if on_gpu else "32-true")
-    checkpoint = ModelCheckpoint(dirpath=run.out, filename="epoch{epoch}", save_last=True, save_top_k=0, every_n_epochs=1)
+    # One file, last.ckpt, replaced at every epoch end. (save_last=True with save_top_k=0 writes last.ckpt only
+    # when training ends: Lightning 2.6 saves "last" only next to a top-k save, so a killed run kept nothing.)
+    checkpoint = ModelCheckpoint(dirpath=run.out, filename=Path(LAST_CHECKPOINT).stem, save_top_k=1, every_n_epochs=1,
+                                 enable_version_counter=False)
     callbacks = [*callbacks, checkpoint]
     if run.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
@@ -171,7 +188,7 @@ def load_encoder(path: Path) -> tuple[Encoder, dict[str, Any]]:
         raise SslbenchError(f"checkpoint folder {folder} has no {ENCODER_SPEC} + {ENCODER_WEIGHTS}; pass the output folder of 'sslbench pretrain'")
     try:
         meta = json.loads(spec_file.read_text())
-        encoder = build_encoder(meta["spec"])
+        encoder = build_encoder(meta["spec"], pretrained=False)  # the weights come from the file
         state = load_file(str(weights))
     except (json.JSONDecodeError, KeyError, OSError, RuntimeError) as exc:
         raise SslbenchError(f"checkpoint {folder} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); re-export it with 'sslbench pretrain'") from None
@@ -206,16 +223,28 @@ def peak_memory_mb() -> float:
 
 def pretrain(method_name: str, images: torch.Tensor, run: RunConfig, backbone: dict[str, Any] | None = None,
              options: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
-             callbacks: list[Callback] | None = None, info: dict[str, Any] | None = None) -> PretrainResult:
-    """Pretrain ``method_name`` on uint8 ``images`` (N, 3, H, W) and export its encoder to ``run.out``."""
+             callbacks: list[Callback] | None = None, info: dict[str, Any] | None = None,
+             masks: torch.Tensor | None = None) -> PretrainResult:
+    """Pretrain ``method_name`` on uint8 ``images`` (N, 3, H, W) and export its encoder to ``run.out``.
+
+    ``masks`` (N, H, W): the dataset's ground-truth segment ids, offered to methods with ``needs_masks``
+    (DetCon), which turn them, or masks they compute themselves, into per-image masks once
+    (``dataset_masks``, cached next to ``run.out``) that then travel with every batch.
+    """
     from sslbench.config import apply_overrides
     from sslbench.methods import METHODS, TrainConfig
 
     if method_name not in METHODS:
         raise ConfigError(f"unknown method {method_name!r}; use one of {', '.join(sorted(METHODS))}")
     cls = METHODS[method_name]
+    if masks is not None and not cls.needs_masks:
+        raise ConfigError(f"method {method_name} does not use masks; pass masks only to a method that does "
+                          f"({', '.join(sorted(name for name, m in METHODS.items() if m.needs_masks))})")
     method_options = apply_overrides(cls.Options(), options or {}, f" for method {method_name}")
+    backbone = backbone or dict(cls.default_backbone)
     train_config = apply_overrides(apply_overrides(TrainConfig(), cls.train_defaults), train or {}, " for training")
+    derived = {k: v for k, v in cls.derived_train_defaults(backbone, train_config).items() if k not in (train or {})}
+    train_config = apply_overrides(train_config, derived)
     train_config.validate()
     last = run.out / LAST_CHECKPOINT
     if run.resume and not last.is_file():
@@ -223,16 +252,20 @@ def pretrain(method_name: str, images: torch.Tensor, run: RunConfig, backbone: d
     if not run.resume and last.is_file():
         raise SslbenchError(f"{run.out} already holds a run ({LAST_CHECKPOINT}); pass --resume to continue it or choose another --out")
     torch.manual_seed(train_config.seed)
-    dataset = ShuffledBatches(images, train_config.batch_size, train_config.seed)
+    batch_masks = cls.dataset_masks(method_options, images, masks, run.out.parent) if cls.needs_masks else None
+    dataset = ShuffledBatches(images, train_config.batch_size, train_config.seed, masks=batch_masks)
     image_size = int(images.shape[-1])
-    module = cls(backbone or dict(cls.default_backbone), method_options, train_config, image_size, len(dataset))
+    module = cls(backbone, method_options, train_config, image_size, len(dataset))
+    if not run.resume:  # on resume the checkpoint restores this state; recomputing it could differ
+        module.initialise_from_data(images, torch.Generator().manual_seed(train_config.seed))
     if cuda_available(run.accelerator) and cls.channels_last:
         module = module.to(memory_format=torch.channels_last)
     run.out.mkdir(parents=True, exist_ok=True)
     if run.compile:
         module.encoder = torch.compile(module.encoder)
     stats = TrainingStats()
-    meta = {"method": method_name, "image_size": image_size, "options": method_options.__dict__, "train": train_config.__dict__, **(info or {})}
+    meta = {"method": method_name, "image_size": image_size, "options": method_options.__dict__, "train": train_config.__dict__,
+            **module.export_meta(), **(info or {})}
     trainer = make_trainer(run, train_config.epochs, [_EpochShuffle(dataset), stats, ExportEncoder(run.out, meta), *(callbacks or [])])
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0,
                                          pin_memory=cuda_available(run.accelerator))

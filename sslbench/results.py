@@ -72,40 +72,46 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """(header, body) of the method x task table: headline metric per task, mean +- std over seeds.
+    """(header, body) of the method x task table of whatever ``rows`` hold (see ``matrix_table``).
 
-    Columns are "task/protocol metric" in a fixed task order; rows keep the order in which methods
-    first appear. The newest row wins when the same (method, checkpoint, task, protocol, metric,
-    seed) was evaluated twice.
+    Rows keep the order in which methods first appear; columns are the (task, protocol) pairs found,
+    in a fixed task order, each pooling the datasets it was evaluated on.
+    """
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    columns = list(dict.fromkeys((row["task"], row["protocol"], None) for row in rows))
+    order = list(HEADLINE_METRIC)
+    columns.sort(key=lambda c: (order.index(c[0]) if c[0] in order else len(order), c[1]))
+    return matrix_table(rows, methods, columns)
+
+
+def matrix_table(rows: list[dict[str, Any]], methods: list[str],
+                 columns: list[tuple[str, str, str | None]]) -> tuple[list[str], list[list[str]]]:
+    """(header, body) of the core study's table: one line per method in ``methods``, one column per
+    ``(task, protocol, dataset)`` in ``columns`` (dataset None: any), each cell the task's headline
+    metric as ``mean ± std`` over seeds (sample std), ``-`` where no row exists. A task missing from
+    ``HEADLINE_METRIC`` shows the first metric its rows carry.
+
+    The newest row wins when the same (method, checkpoint, dataset, task, protocol, metric, seed)
+    was evaluated twice, so a re-run replaces a value instead of counting as another seed.
     """
     latest: dict[tuple, dict] = {}
     for row in rows:
         key = (row["method"], row["checkpoint"], row["dataset"], row["task"], row["protocol"], row["metric"], row["seed"])
         latest[key] = row
-    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
-    methods: list[str] = []
-    columns: list[tuple[str, str, str]] = []
+    headline = {task: metric for task, (metric, _) in HEADLINE_METRIC.items()}
+    for row in rows:
+        headline.setdefault(row["task"], row["metric"])
+    cells: dict[tuple[str, tuple[str, str, str | None]], list[float]] = defaultdict(list)
     for row in latest.values():
-        metric, _ = HEADLINE_METRIC.get(row["task"], (row["metric"], False))
-        if row["metric"] != metric:
-            continue
-        column = (row["task"], row["protocol"], metric)
-        if column not in columns:
-            columns.append(column)
-        if row["method"] not in methods:
-            methods.append(row["method"])
-        cells[(row["method"], column)].append(float(row["value"]))
-    order = list(HEADLINE_METRIC)
-    columns.sort(key=lambda c: (order.index(c[0]) if c[0] in order else len(order), c[1]))
-    header = ["method"] + [f"{SHORT_TASK.get(task, task)}/{protocol} {metric} {'↓' if HEADLINE_METRIC.get(task, ('', False))[1] else '↑'}"
-                           for task, protocol, metric in columns]
-    body = []
-    for method in methods:
-        line = [method]
-        for column in columns:
-            values = cells.get((method, column), [])
-            line.append(format_cell(values))
-        body.append(line)
+        if row["metric"] == headline[row["task"]]:
+            for column in ((row["task"], row["protocol"], row["dataset"]), (row["task"], row["protocol"], None)):
+                cells[(row["method"], column)].append(float(row["value"]))
+    header = ["method"]
+    for task, protocol, dataset in columns:
+        metric, lower_is_better = headline.get(task, "-"), HEADLINE_METRIC.get(task, ("", False))[1]
+        prefix = f"{dataset} " if dataset is not None else ""
+        header.append(f"{prefix}{SHORT_TASK.get(task, task)}/{protocol} {metric} {'↓' if lower_is_better else '↑'}")
+    body = [[method, *(format_cell(cells.get((method, column), [])) for column in columns)] for method in methods]
     return header, body
 
 
@@ -120,10 +126,14 @@ def format_cell(values: list[float]) -> str:
 
 def render_table(rows: list[dict[str, Any]], title: str = "sslbench results") -> None:
     """Print the summary table with rich."""
+    print_table(*summary_table(rows), title=title)
+
+
+def print_table(header: list[str], body: list[list[str]], title: str) -> None:
+    """Print a (header, body) table with rich, at least 120 columns wide."""
     from rich.console import Console
     from rich.table import Table
 
-    header, body = summary_table(rows)
     table = Table(title=title, caption="↑ higher is better, ↓ lower is better")
     for name in header:
         table.add_column(name, justify="left" if name == "method" else "right", no_wrap=name == "method")

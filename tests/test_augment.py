@@ -2,7 +2,8 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from sslbench.augment import ViewConfig, ViewMaker, augment, color_jitter, sample_crop_boxes, step_generator
+from sslbench.augment import (ViewConfig, ViewMaker, augment, augment_with_masks, color_jitter, sample_crop_boxes,
+                              step_generator)
 from sslbench.errors import ConfigError
 
 
@@ -78,3 +79,45 @@ def test_step_generator_depends_only_on_seed_and_step():
     a = torch.rand(3, generator=step_generator(0, 5))
     assert torch.equal(a, torch.rand(3, generator=step_generator(0, 5)))
     assert not torch.equal(a, torch.rand(3, generator=step_generator(0, 6)))
+
+
+def _id_coded_blocks(n=4, size=32, block=8):
+    """Images of 4x4 blocks of 8 px whose colour encodes the block's id, and those ids as masks.
+
+    The colours lie on the moment curve (i, i^2, i^3): no palette colour is a blend of others, so a
+    view pixel showing exactly a palette colour was sampled inside that block.
+    """
+    ids = torch.arange(16).view(4, 4).repeat_interleave(block, 0).repeat_interleave(block, 1)
+    masks = torch.stack([torch.roll(ids, shifts=(3 * i, 5 * i), dims=(0, 1)) for i in range(n)]).to(torch.uint8)
+    steps = torch.arange(16, dtype=torch.float64)
+    palette = torch.stack([steps * 17, steps**2 * 255 / 225, steps**3 * 255 / 3375], 1).round().to(torch.uint8)
+    images = palette[masks.long()].permute(0, 3, 1, 2).contiguous()
+    return images, masks, palette.float() / 255
+
+
+def test_warped_masks_stay_aligned_with_the_view_pixels():
+    images, masks, palette = _id_coded_blocks()
+    config = ViewConfig(size=24, crop_scale=(0.3, 1.0), jitter_p=0.0, grayscale_p=0.0, hflip_p=0.5,
+                        rotation_p=1.0, rotation_degrees=30)
+    views, warped = augment_with_masks(images, masks, config, torch.Generator().manual_seed(3))
+    assert warped.shape == (4, 24, 24) and warped.dtype == torch.uint8
+    # The view pixels are exactly augment's (the mask does not change the random draws).
+    assert torch.equal(views, augment(images, config, torch.Generator().manual_seed(3)))
+    distance = (views.permute(0, 2, 3, 1).unsqueeze(3) - palette).abs().amax(-1)  # (B, S, S, 16)
+    closest = distance.min(-1)
+    pure = closest.values < 1e-4  # pixels inside a block, away from its edges
+    assert pure.float().mean() > 0.5
+    assert torch.equal(warped[pure].long(), closest.indices[pure])
+    # A mask warped with other crop parameters disagrees with the view: the check above has teeth.
+    _, other = augment_with_masks(images, masks, config, torch.Generator().manual_seed(4))
+    assert (other[pure].long() != closest.indices[pure]).float().mean() > 0.3
+
+
+def test_view_maker_returns_each_views_mask():
+    images, masks, _ = _id_coded_blocks(n=2)
+    maker = ViewMaker([ViewConfig(size=16, jitter_p=0.0, grayscale_p=0.0), ViewConfig(size=16, jitter_p=0.0, grayscale_p=0.0)])
+    views, warped = maker.with_masks(images, masks, torch.Generator().manual_seed(0))
+    plain = maker(images, torch.Generator().manual_seed(0))
+    assert len(views) == len(warped) == 2
+    assert all(torch.equal(a, b) for a, b in zip(views, plain))
+    assert all(m.shape == (2, 16, 16) for m in warped)

@@ -29,7 +29,9 @@ def run_cli(monkeypatch, capsys, *args):
     (["eval", "--task", "depthh", "--random"], "unknown task 'depthh'"),
     (["eval", "--task", "depth", "--protocol", "knn", "--random"], "task depth has no protocol 'knn'"),
     (["eval", "--task", "depth", "--data", "cifar10", "--random"], "dataset cifar10 has no labels for task depth"),
-    (["eval", "--task", "classification"], "give exactly one of --checkpoint PATH or --random"),
+    (["eval", "--task", "classification"], "give exactly one of --encoder (timm:NAME, random:BACKBONE or PATH), --checkpoint PATH or --random"),
+    (["eval", "--task", "classification", "--random", "--encoder", "timm:resnet10t"], "give exactly one of --encoder"),
+    (["eval", "--task", "classification", "--encoder", "timm:resnet10x?pretrained=false"], "unknown timm model 'resnet10x'; did you mean"),
 ])
 def test_bad_input_is_one_line_exit_2(monkeypatch, capsys, tmp_path, args, message):
     out = tmp_path / "out"
@@ -72,6 +74,22 @@ def test_eval_random_appends_rows_and_results_prints_the_table(monkeypatch, caps
     assert len(rows) == 1 and '"method": "random-resnet18"' in rows[0] and '"task": "classification"' in rows[0]
     code, stdout, _ = run_cli(monkeypatch, capsys, "results", out)
     assert code == 0 and "random-resnet18" in stdout and "class/knn top1" in stdout
+
+
+def test_bench_config_errors_are_one_line(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "bench", tmp_path / "missing.yaml")
+    assert code == 2 and "missing.yaml not found" in err and err.count("\n") == 1
+    config = tmp_path / "bench.yaml"
+    config.write_text("out: runs/x\nseed: [0]\n")
+    code, _, err = run_cli(monkeypatch, capsys, "bench", config)
+    assert code == 2 and "bench config has unknown key 'seed'; allowed: out, device, seeds" in err and err.count("\n") == 1
+
+
+def test_eval_encoder_timm_labels_its_rows(monkeypatch, capsys, tmp_path):
+    code, stdout, _ = run_cli(monkeypatch, capsys, "eval", "--encoder", "timm:resnet10t?pretrained=false", "--task", "classification",
+                              "--protocol", "knn", "--train-limit", "40", "--test-limit", "10", "--image-size", "16", "--out", tmp_path)
+    assert code == 0 and "random-timm:resnet10t classification/knn" in stdout
+    assert '"checkpoint": "random"' in (tmp_path / "results.jsonl").read_text()
 
 
 def test_help_documents_every_option(monkeypatch, capsys):

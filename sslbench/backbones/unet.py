@@ -1,6 +1,8 @@
 """The DDPM U-Net (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", appendix B), with named blocks.
 
-The network predicts the noise ``eps`` in a noised image ``x_t`` given the integer timestep ``t``.
+The network predicts the noise ``eps`` in a noised image ``x_t`` given the integer timestep ``t``. The same
+network serves EDM (Karras et al. 2022), which conditions it on the continuous ``c_noise = ln(sigma) / 4``
+through the same sinusoidal embedding (their DDPM++ positional embedding) and reads its output as ``F``.
 Layout (one "level" per resolution, ``L = len(channel_mults)``)::
 
     in                       3x3 conv, 3 -> base channels                       stride 1
@@ -78,7 +80,9 @@ UNET_PRESETS: dict[str, UNetConfig] = {
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, as in the DDPM code): (B,) -> (B, dim)."""
+    """Sinusoidal embedding of timesteps (Vaswani et al. 2017, as in the DDPM code): (B,) -> (B, dim).
+
+    Integer DDPM steps and EDM's continuous noise conditioning both go through it."""
     half = dim // 2
     freqs = torch.exp(torch.arange(half, device=timesteps.device, dtype=torch.float32) * (-math.log(10000.0) / max(half - 1, 1)))
     angles = timesteps.float()[:, None] * freqs[None, :]
@@ -189,8 +193,9 @@ class _Step:
 class UNet(nn.Module):
     """The DDPM epsilon-prediction U-Net with named blocks (see the module docstring for the names).
 
-    ``forward(x, t)`` maps noised images in [-1, 1] (B, 3, H, W) and integer timesteps (B,) to the
-    predicted noise (B, 3, H, W); H and W must be divisible by ``2 ** (len(channel_mults) - 1)``.
+    ``forward(x, t)`` maps noised images in [-1, 1] (B, 3, H, W) and timesteps (B,) (integers, or EDM's
+    continuous conditioning) to the predicted noise (B, 3, H, W); H and W must be divisible by
+    ``2 ** (len(channel_mults) - 1)``.
     """
 
     def __init__(self, config: UNetConfig | None = None):
@@ -276,7 +281,7 @@ class UNet(nn.Module):
         return self._index[name]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predicted noise for noised images ``x`` (B, 3, H, W) at integer timesteps ``t`` (B,)."""
+        """Predicted noise (EDM: the raw output ``F``) for noised images ``x`` (B, 3, H, W) at timesteps ``t`` (B,)."""
         return self._run(x, t, {"out"}, len(self._steps) - 1)["out"]
 
     def forward_features(self, x: torch.Tensor, t: torch.Tensor, blocks: list[str]) -> dict[str, torch.Tensor]:

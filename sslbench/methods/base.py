@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
@@ -20,6 +21,7 @@ from torch import nn
 from sslbench.augment import ViewConfig, ViewMaker, step_generator
 from sslbench.backbones import Encoder, build_encoder
 from sslbench.config import check_range
+from sslbench.engine import split_batch
 from sslbench.errors import ConfigError, TrainingError
 
 
@@ -33,6 +35,7 @@ class TrainConfig:
     lr: float = 0.06
     weight_decay: float = 5e-4
     momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 0.0
     seed: int = 0
 
@@ -42,6 +45,8 @@ class TrainConfig:
         check_range("lr", self.lr, 0.0)
         check_range("weight_decay", self.weight_decay, 0.0)
         check_range("warmup_epochs", self.warmup_epochs, 0.0)
+        if not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ConfigError(f"option betas={self.betas} is out of range; use two values in [0, 1), e.g. betas=0.9,0.95")
         if self.optimizer not in ("sgd", "adamw", "adam"):
             raise ConfigError(f"option optimizer={self.optimizer!r} is not allowed; use one of sgd, adamw, adam")
 
@@ -54,7 +59,8 @@ def simclr_view(size: int) -> ViewConfig:
 class PretrainMethod(L.LightningModule):
     """Base LightningModule: an encoder plus whatever heads the method adds.
 
-    Subclasses set ``name``, ``Options`` and optionally ``train_defaults`` / ``default_backbone``,
+    Subclasses set ``name``, ``Options`` and optionally ``train_defaults`` / ``default_backbone``
+    (or ``derived_train_defaults`` for defaults that depend on the backbone or the batch size),
     build their heads in ``build`` and return ``(loss, logs)`` from ``training_loss``.
     """
 
@@ -64,6 +70,9 @@ class PretrainMethod(L.LightningModule):
     default_backbone: ClassVar[dict[str, Any]] = {"backbone": "resnet18", "width": 1.0}
     channels_last: ClassVar[bool] = True
     """Whether the engine puts the model in channels_last on GPU (fast for BatchNorm convnets, slow for GroupNorm)."""
+    needs_masks: ClassVar[bool] = False
+    """Whether batches carry per-image segment masks (DetCon): the engine then gets them once from
+    ``dataset_masks``, batches ``(images, masks)`` together and calls ``masked_training_loss``."""
 
     def __init__(self, backbone: dict[str, Any], options: Any, train: TrainConfig, image_size: int, steps_per_epoch: int):
         super().__init__()
@@ -80,14 +89,47 @@ class PretrainMethod(L.LightningModule):
         self.build()
 
     # --- for subclasses -------------------------------------------------------------------------
+    @classmethod
+    def derived_train_defaults(cls, backbone: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
+        """Defaults computed from the backbone spec and the other settings (``train``: class defaults plus
+        the user's values), e.g. AdamW for a ViT or a learning rate scaled with the batch size. The engine
+        applies them to every key the user did not set."""
+        return {}
+
     def build_encoder(self) -> Encoder:
         return build_encoder(self.backbone_spec)
 
     def build(self) -> None:
         """Create heads, target networks, queues."""
 
+    def initialise_from_data(self, images: torch.Tensor, generator: torch.Generator) -> None:
+        """Compute data-dependent state (iGPT's colour palette) from the uint8 training images (N, 3, H, W).
+
+        The engine calls it once, before the first step of a new run, and not on resume: whatever it
+        computes must be kept in buffers, so that checkpoints restore it instead of recomputing it.
+        """
+
     def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         raise NotImplementedError
+
+    @classmethod
+    def dataset_masks(cls, options: Any, images: torch.Tensor, given: torch.Tensor | None, cache_dir: Path) -> torch.Tensor:
+        """For ``needs_masks`` methods: uint8 segment ids (N, H, W) of every training image, computed once.
+
+        ``given`` is the dataset's ground-truth ``mask`` target when it has one; ``cache_dir`` is where
+        masks that are costly to compute may be cached between runs.
+        """
+        raise NotImplementedError
+
+    def masked_training_loss(self, images: torch.Tensor, masks: torch.Tensor,
+                             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """``training_loss`` of a ``needs_masks`` method: the batch's images and their masks (B, H, W)."""
+        raise NotImplementedError
+
+    def export_meta(self) -> dict[str, Any]:
+        """Entries the exported encoder's ``encoder.json`` records beyond method and options, e.g. a
+        ``label`` under which evaluation rows list the encoder (DetCon's ``detcon_s[fh]``)."""
+        return {}
 
     def after_optimizer_step(self) -> None:
         """Momentum/EMA updates; called after every optimiser step."""
@@ -104,21 +146,26 @@ class PretrainMethod(L.LightningModule):
     def total_steps(self) -> int:
         return self.train_config.epochs * self.steps_per_epoch
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         step = self.global_step
         # Every random choice of a step depends only on (seed, step, rank): resuming from a checkpoint
         # replays exactly the same views, noise and dropout as an uninterrupted run.
         seed = self.train_config.seed * 1_000 + self.global_rank
         torch.manual_seed(seed * 1_000_003 + step)
-        loss, logs = self.training_loss(batch, step_generator(seed, step))
+        images, masks = split_batch(batch)
+        generator = step_generator(seed, step)
+        if masks is None:
+            loss, logs = self.training_loss(images, generator)
+        else:
+            loss, logs = self.masked_training_loss(images, masks, generator)
         if not bool(torch.isfinite(loss.detach())):
             raise TrainingError(
                 f"{self.name} loss became {loss.item()} at step {step} (epoch {self.current_epoch}); "
                 f"lower the learning rate (now --set lr={self.train_config.lr}) or check the input data"
             )
-        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch))
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
         for key, value in logs.items():
-            self.log(key, value, on_step=False, on_epoch=True, batch_size=len(batch))
+            self.log(key, value, on_step=False, on_epoch=True, batch_size=len(images))
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -139,9 +186,9 @@ class PretrainMethod(L.LightningModule):
         if cfg.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         elif cfg.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         else:
-            optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         warmup = int(cfg.warmup_epochs * self.steps_per_epoch)
         total = max(1, self.total_steps)
 

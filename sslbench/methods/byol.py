@@ -29,6 +29,12 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1)).mean()
 
 
+def byol_views(size: int, blur_p: tuple[float, float], solarize_p: tuple[float, float]) -> list[ViewConfig]:
+    """BYOL's asymmetric pair of views: jitter 0.4/0.4/0.2/0.1 p 0.8, grey 0.2, per-view blur and solarisation."""
+    return [ViewConfig(size=size, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, blur_p=blur, solarize_p=solarize)
+            for blur, solarize in zip(blur_p, solarize_p)]
+
+
 @dataclass
 class BYOLOptions:
     projection_hidden: int = 4096
@@ -50,9 +56,7 @@ class BYOL(PretrainMethod):
         self.prediction = MLPHead([o.projection_dim, o.prediction_hidden, o.projection_dim])
         self.target_encoder = frozen_copy(self.encoder)
         self.target_projection = frozen_copy(self.projection)
-        views = [ViewConfig(size=self.image_size, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-                            blur_p=blur, solarize_p=solarize) for blur, solarize in zip(o.blur_p, o.solarize_p)]
-        self.views = self.make_views(views)
+        self.views = self.make_views(byol_views(self.image_size, o.blur_p, o.solarize_p))
 
     def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         v1, v2 = self.views(images, generator)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslbench.backbones.base import Encoder
-from sslbench.backbones.diffusion import DDPMSchedule, DiffusionEncoder
+from sslbench.backbones.diffusion import DDPMSchedule, DiffusionEncoder, DiffusionSchedule
 from sslbench.backbones.unet import UNET_PRESETS, UNet, UNetConfig
 from sslbench.errors import ConfigError
 from sslbench.methods.base import PretrainMethod
@@ -44,7 +44,12 @@ class DDAEOptions:
 
 
 class DDAE(PretrainMethod):
-    """Train a DDPM U-Net; export its EMA weights as a ``DiffusionEncoder`` at (readout_t, readout_block)."""
+    """Train a DDPM U-Net; export its EMA weights as a ``DiffusionEncoder`` at (readout_t, readout_block).
+
+    ``last.ckpt`` keeps both weight sets (``encoder.unet.*`` raw, ``ema_unet.*`` EMA), so a study can read
+    either (``sslbench.diffusion_study.load_diffusion_encoder``). Subclasses change the noise formulation
+    through ``make_schedule``, ``readout_level`` and ``diffusion_loss`` (``ddae_edm``).
+    """
 
     name = "ddae"
     Options = DDAEOptions
@@ -54,12 +59,23 @@ class DDAE(PretrainMethod):
     # GroupNorm is slow in channels_last: the U-Net trained faster contiguous on CPU and on an H100.
     channels_last = False
 
+    def make_schedule(self) -> DiffusionSchedule:
+        return DDPMSchedule()
+
+    @property
+    def readout_level(self) -> float:
+        return self.options.readout_t
+
+    def diffusion_loss(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The training loss on clean images ``x`` in [-1, 1]; ``generator`` lives on ``x``'s device."""
+        return ddpm_loss(self.encoder.unet, self.encoder.schedule, x, generator)
+
     def build_encoder(self) -> Encoder:
         o = self.options
         config = UNetConfig(**self.backbone_spec["unet"]) if "unet" in self.backbone_spec else UNET_PRESETS.get(o.unet)
         if config is None:
             raise ConfigError(f"unknown U-Net preset unet={o.unet!r}; use one of {', '.join(UNET_PRESETS)}")
-        return DiffusionEncoder(UNet(config), t=o.readout_t, block=o.readout_block)
+        return DiffusionEncoder(UNet(config), t=self.readout_level, block=o.readout_block, schedule=self.make_schedule())
 
     def build(self) -> None:
         self.ema_unet = frozen_copy(self.encoder.unet)
@@ -71,7 +87,7 @@ class DDAE(PretrainMethod):
             flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         device_generator = torch.Generator(device=x.device).manual_seed(seed)
-        return ddpm_loss(self.encoder.unet, self.encoder.schedule, x, device_generator), {}
+        return self.diffusion_loss(x, device_generator), {}
 
     def after_optimizer_step(self) -> None:
         # Warm-up of the EMA decay (as in TF's ExponentialMovingAverage with num_updates): short runs
@@ -81,5 +97,5 @@ class DDAE(PretrainMethod):
         ema_update(self.ema_unet, self.encoder.unet, decay)
 
     def export_encoder(self) -> Encoder:
-        return DiffusionEncoder(self.ema_unet, t=self.options.readout_t, block=self.options.readout_block,
+        return DiffusionEncoder(self.ema_unet, t=self.readout_level, block=self.options.readout_block,
                                 schedule=self.encoder.schedule)

@@ -196,3 +196,21 @@ def pooled_by_resolution(encoder: nn.Module, views: list[torch.Tensor]) -> list[
         out.extend(encoder(torch.cat(views[start:end])).pooled.chunk(end - start))
         start = end
     return out
+
+
+def masked_pool(feature_map: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean feature vector under each mask (DetCon, Hénaff et al. 2021, eq. 1): ``(B, K, C)``.
+
+    ``feature_map`` is (B, C, h, w); ``masks`` (B, K, H, W) are binary (or soft) masks at image
+    resolution. Each mask is first reduced to the map's resolution by area averaging, so a feature
+    cell counts with the fraction of its pixels the mask covers: h_k = sum_ij m_kij f_ij / sum_ij m_kij.
+    This equals the mean, over the mask's pixels, of the feature map upsampled by nearest neighbour
+    (when H, W are multiples of h, w), and a mask smaller than a cell still pools something. An
+    empty mask gives a zero vector; callers give such masks zero weight.
+    """
+    if masks.shape[-2:] != feature_map.shape[-2:]:
+        masks = nn.functional.adaptive_avg_pool2d(masks, feature_map.shape[-2:])
+    masks = masks.to(feature_map.dtype)
+    area = masks.sum((2, 3)).unsqueeze(2)
+    summed = torch.einsum("bkhw,bchw->bkc", masks, feature_map)
+    return summed / area.clamp(min=torch.finfo(area.dtype).tiny)

@@ -1,13 +1,16 @@
-"""Downstream tasks: a head trained on a frozen encoder's features, returning named metrics.
+"""Downstream tasks: a head trained on an encoder's features (frozen, or fine-tuned with it),
+returning named metrics.
 
 ``TASKS`` maps a task name to its class; every task has ``evaluate(encoder, train, test, protocol,
-config) -> dict[str, float]``. A new task is one module with a ``Task`` subclass plus one line here.
+config) -> dict[str, float]`` (its metrics plus ``trainable_params``). A new task is one module with a
+``Task`` subclass plus one line here.
 """
 
+from sslbench.tasks.base import FINETUNE, TRAINABLE_PARAMS, Task
 from sslbench.tasks.classification import ClassificationTask
 from sslbench.tasks.counting import CountingTask
 from sslbench.tasks.depth import DepthTask
-from sslbench.tasks.probe import CachedFeatures, ProbeConfig, Task, extract_features
+from sslbench.tasks.probe import CachedFeatures, ProbeConfig, extract_features
 from sslbench.tasks.segmentation import SegmentationTask
 
 TASKS: dict[str, type[Task]] = {
@@ -15,7 +18,9 @@ TASKS: dict[str, type[Task]] = {
 }
 
 __all__ = [
+    "FINETUNE",
     "TASKS",
+    "TRAINABLE_PARAMS",
     "CachedFeatures",
     "ClassificationTask",
     "CountingTask",

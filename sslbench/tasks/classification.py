@@ -1,35 +1,59 @@
-"""Image classification on frozen pooled features: weighted kNN or a linear probe."""
+"""Image classification: weighted kNN, a linear probe or fine-tuning, on all labels or 1% / 10%."""
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+
+from sslbench.backbones.base import Encoder
 from sslbench.data.base import ImageSet
+from sslbench.data.subsets import few_label_indices
+from sslbench.tasks.base import FINETUNE, TRAINABLE_PARAMS, Outputs, Task
+from sslbench.tasks.finetune import crop_flip_augment
+from sslbench.tasks.heads import TaskHead, linear_task_head
 from sslbench.tasks.metrics import knn_predict, top1
-from sslbench.tasks.probe import CachedFeatures, ProbeConfig, Task, linear_probe
+from sslbench.tasks.probe import ProbeConfig, extract_features
+
+FEW_LABEL_FRACTIONS = {"1pct": 0.01, "10pct": 0.10}
+"""Semi-supervised splits of SimCLR/SimCLRv2 (Chen et al. 2020): 1% and 10% of the training labels."""
 
 
 class ClassificationTask(Task):
     """``knn``: weighted kNN vote (k = ``config.knn_k``, T = ``config.knn_temperature``, cosine) of
-    the test images among the training images. ``linear``: a ``LinearHead`` trained with
-    cross-entropy. Both report ``{"top1"}``."""
+    the test images among the training images. ``linear``: a ``LinearHead`` on the frozen pooled
+    vector, trained with cross-entropy. ``finetune``: the same head trained with the encoder on random
+    crops and flips. ``linear-1pct`` ... ``finetune-10pct``: the same on a class-balanced seeded
+    subset of the training labels (``few_label_indices``). All report ``{"top1", "trainable_params"}``.
+    """
 
     name = "classification"
-    protocols = ("knn", "linear")
+    protocols = ("knn", "linear", FINETUNE, *(f"{base}-{share}" for base in ("linear", FINETUNE) for share in FEW_LABEL_FRACTIONS))
     target = "class"
 
-    def score(
-        self, train_features: CachedFeatures, train: ImageSet, test_features: CachedFeatures, test: ImageSet, protocol: str, config: ProbeConfig
-    ) -> dict[str, float]:
-        num_classes = self.num_classes(train)
-        labels = train.targets[self.target]
+    def evaluate(self, encoder: Encoder, train: ImageSet, test: ImageSet, protocol: str, config: ProbeConfig) -> dict[str, float]:
+        self.check(train, test, protocol)
+        protocol, _, share = protocol.partition("-")
+        if share:
+            train = train.subset(few_label_indices(train.targets[self.target], FEW_LABEL_FRACTIONS[share], config.seed))
         if protocol == "knn":
-            predicted = knn_predict(
-                train_features.pooled.to(config.device),
-                labels.to(config.device),
-                test_features.pooled.to(config.device),
-                num_classes,
-                k=config.knn_k,
-                temperature=config.knn_temperature,
-            ).cpu()
-        else:
-            predicted = linear_probe(train_features, labels, test_features, num_classes, config)
+            return {"top1": self.knn_top1(encoder, train, test, config), TRAINABLE_PARAMS: 0.0}
+        return super().evaluate(encoder, train, test, protocol, config)
+
+    def knn_top1(self, encoder: Encoder, train: ImageSet, test: ImageSet, config: ProbeConfig) -> float:
+        bank, queries = (extract_features(encoder, split, batch_size=config.batch_size, device=config.device).pooled for split in (train, test))
+        predicted = knn_predict(bank.to(config.device), train.targets[self.target].to(config.device), queries.to(config.device),
+                                self.num_classes(train), k=config.knn_k, temperature=config.knn_temperature).cpu()
+        return top1(predicted, test.targets[self.target])
+
+    def head(self, protocol: str, encoder: Encoder, train: ImageSet, config: ProbeConfig) -> TaskHead:
+        return linear_task_head(encoder.pooled_dim, self.num_classes(train))
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(output, target)
+
+    def augment(self, images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return crop_flip_augment(images, targets, generator)
+
+    def metrics(self, outputs: Outputs, train: ImageSet, test: ImageSet) -> dict[str, float]:
+        predicted = torch.cat([logits.argmax(1).cpu() for _, logits in outputs])
         return {"top1": top1(predicted, test.targets[self.target])}

@@ -1,7 +1,10 @@
 import math
 
 import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 
+from sslbench.engine import RunConfig, pretrain
 from sslbench.methods.swav import swav_loss
 
 
@@ -31,3 +34,26 @@ def test_swav_with_a_queue_trains(train_and_reload):
     options = {"projection_hidden": 64, "projection_dim": 16, "prototypes": 16, "local_views": 0, "queue_size": 32}
     losses = train_and_reload("swav", 2, options)
     assert all(math.isfinite(x) for x in losses)
+
+
+class _RecordPrototypes(Callback):
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+
+    def on_train_start(self, trainer, module):
+        self.weights.append(module.prototypes.weight.detach().clone())
+
+    def on_train_epoch_end(self, trainer, module):
+        self.weights.append(module.prototypes.weight.detach().clone())
+
+
+def test_swav_prototypes_are_frozen_during_the_first_epoch(tmp_path, small_scenes):
+    record = _RecordPrototypes()
+    options = {"projection_hidden": 64, "projection_dim": 16, "prototypes": 16, "local_views": 0}
+    pretrain("swav", small_scenes, RunConfig(out=tmp_path, progress=False), backbone={"backbone": "resnet18", "width": 0.125},
+             options=options, train={"epochs": 2, "batch_size": 32}, callbacks=[record])
+    start, after_first, after_second = record.weights
+    # Every step re-normalises the prototypes to unit rows (official code); during epoch 0 that is all
+    # that happens to them: no gradient step, no weight decay.
+    assert torch.allclose(after_first, F.normalize(start, dim=1), atol=1e-6)
+    assert (after_second - after_first).abs().max() > 1e-4

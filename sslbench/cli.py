@@ -111,7 +111,8 @@ def eval_(
     backbone: str = typer.Option("resnet18", help="Backbone for --random (see 'sslbench pretrain --help')."),
     width: float = typer.Option(1.0, help="ResNet width multiplier for --random and --encoder random:BACKBONE."),
     protocol: Optional[str] = typer.Option(None, help="classification: knn|linear|finetune|linear-1pct|linear-10pct|finetune-1pct|"
-                                           "finetune-10pct; counting: linear|conv|finetune; depth: probe|finetune (U-Net decoder); "
+                                           "finetune-10pct|distill-1pct|distill-10pct (SimCLRv2: few-label teacher distilled on all images); "
+                                           "counting: linear|conv|finetune; depth: probe|finetune (U-Net decoder); "
                                            "segmentation: probe|finetune (DeepLabV3+)."),
     data: str = typer.Option("scenes", help="Dataset name (see 'sslbench pretrain --help')."),
     data_root: Optional[Path] = typer.Option(None, help="Dataset folder in its official layout."),

@@ -43,10 +43,17 @@ def _igpt(spec: dict[str, Any]) -> Encoder:
     return igpt_encoder_from_spec(spec)
 
 
+def _projected(spec: dict[str, Any]) -> Encoder:
+    from sslbench.backbones.projected import projected_encoder_from_spec
+
+    return projected_encoder_from_spec(spec)
+
+
 BACKBONES: dict[str, Callable[[dict[str, Any]], Encoder]] = {
     **{name: _resnet for name in RESNET_LAYOUTS},
     "ddpm_unet": _ddpm_unet,
     "igpt": _igpt,
+    "projected": _projected,
     "timm": _timm,
     "vit": _vit,
 }

@@ -38,6 +38,13 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
 
+def count_parameters(*modules: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``modules``, each counted once even when modules share it; with
+    ``trainable_only`` only those that receive gradients (what a protocol trains)."""
+    unique = {id(p): p for module in modules for p in module.parameters() if p.requires_grad or not trainable_only}
+    return sum(p.numel() for p in unique.values())
+
+
 class Normalize(nn.Module):
     """Per-channel (x - mean) / std on [0, 1] images; kept inside the encoder so its input is uniform."""
 

@@ -12,9 +12,10 @@ either learned (DINO) or the fixed 2-D sin-cos of MAE (He et al. 2022). Another 
 table resized bicubically to its grid (DINO's ``interpolate_pos_encoding``), so DINO's small crops
 and evaluation at another resolution use the same weights.
 
-MAE needs the encoder on visible patches only: ``forward_tokens(images, keep_indices)``, or the two
-halves ``embed`` (patch tokens with positions) and ``encode`` (CLS + blocks + norm) when a method
-changes the tokens in between (UM-MAE's secondary masking).
+MAE needs the encoder on visible patches only: ``forward_tokens(images, keep_indices)``. BEiT (and
+UM-MAE's secondary masking) replace some patch tokens by a learned mask token before the positions are
+added: ``forward_tokens(images, masked=..., mask_token=...)``. The two halves ``embed`` (patch tokens
+with positions) and ``encode`` (CLS + blocks + norm) are there for methods that need the tokens between.
 """
 
 from __future__ import annotations
@@ -142,10 +143,17 @@ class VisionTransformer(Encoder):
         grid = F.interpolate(grid.float(), size=(height, width), mode="bicubic", align_corners=False).to(table.dtype)
         return grid.flatten(2).transpose(1, 2)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch tokens plus their positions, (B, N, dim) in raster order, from [0, 1] images."""
+    def embed(self, images: torch.Tensor, masked: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens plus their positions, (B, N, dim) in raster order, from [0, 1] images.
+
+        Where ``masked`` (B, N) is true the patch's token is replaced by ``mask_token`` (1, 1, dim) before
+        its position is added (BEiT, Bao et al. 2022, sec. 2.3), so nothing of the hidden pixels gets in.
+        """
         height, width = self.grid_size(images)
         tokens = self.patch_embed(self.normalize(images)).flatten(2).transpose(1, 2)
+        if masked is not None:
+            tokens = torch.where(masked.unsqueeze(-1), mask_token, tokens)
         return tokens + self.patch_positions(height, width)
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -156,10 +164,12 @@ class VisionTransformer(Encoder):
             x = block(x)
         return self.norm(x)
 
-    def forward_tokens(self, images: torch.Tensor, keep_indices: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_tokens(self, images: torch.Tensor, keep_indices: torch.Tensor | None = None,
+                       masked: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> torch.Tensor:
         """All output tokens (CLS first); with ``keep_indices`` (B, K) only those patches enter the
-        transformer (MAE's encoder), the others are never computed on."""
-        tokens = self.embed(images)
+        transformer (MAE's encoder), the others are never computed on; ``masked`` (B, N) patches are
+        replaced by ``mask_token`` first (see ``embed``)."""
+        tokens = self.embed(images, masked, mask_token)
         if keep_indices is not None:
             tokens = torch.gather(tokens, 1, keep_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         return self.encode(tokens)

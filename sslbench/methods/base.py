@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from torch import nn
 
 from sslbench.augment import ViewConfig, ViewMaker, step_generator
 from sslbench.backbones import Encoder, build_encoder
@@ -199,7 +198,3 @@ class PretrainMethod(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -14,7 +14,11 @@ over 30 of 300 epochs; 3 suits the short CIFAR-scale runs this benchmark makes),
 during the first epoch (official ``freeze_last_layer``). Crops follow the official ResNet-50 recipe:
 global scale 0.14-1, local 0.05-0.14 (half resolution), 2 local crops by default; views as the
 paper: blur p 1.0 / 0.1 / 0.5 (global 1, global 2, locals) and solarisation p 0.2 on global 2.
-Gradients of the student are clipped per parameter to norm 3.0 (official ``clip_grad``; 0 disables).
+Gradients of the student are clipped per parameter to norm 3.0 with every backbone (``clip_grad``; 0
+disables): the official default (``main_dino.py --clip_grad 3.0``), which the official README's
+ResNet-50 command (SGD, lr 0.03, 100 epochs) keeps, as it gives no ``--clip_grad``.
+On runs of a few steps the clipping slows the first large moves of the last layer, so short ResNet
+experiments may prefer ``clip_grad=0``.
 The exported encoder is the teacher's.
 
 With a ViT backbone the small crops go through the same network at half resolution (the ViT resizes
@@ -28,6 +32,7 @@ scales stay those above; the official ViT runs use global 0.4-1 and local 0.05-0
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -83,21 +88,37 @@ def clip_gradients_per_parameter(parameters: Iterable[nn.Parameter], max_norm: f
 
 
 class NormalizedLinear(nn.Module):
-    """Linear layer without bias whose weight rows are unit vectors: weight norm with g fixed to 1."""
+    """Linear layer without bias whose weight rows are unit vectors: weight norm with g fixed to 1.
+
+    Equal to DINO's ``weight_norm(nn.Linear(in, out, bias=False))`` with ``weight_g`` filled with 1 and
+    frozen (``norm_last_layer``). The direction ``v`` starts as ``nn.Linear``'s default initialisation,
+    as in the official head: the norm of ``v`` sets the step size of the normalised rows (the gradient
+    of v / |v| scales with 1 / |v|), so this initialisation is part of the recipe.
+    """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.trunc_normal_(self.weight, std=0.02)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear.reset_parameters: U(-1/sqrt(in), 1/sqrt(in))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, F.normalize(self.weight, dim=1))
 
 
 class DINOHead(nn.Module):
+    """DINO's projection head: MLP (GELU, no BN) to a bottleneck, L2 normalisation, ``NormalizedLinear``.
+
+    The MLP's linear layers start from a truncated normal (std 0.02) with zero biases, the official
+    ``DINOHead._init_weights``; the last layer keeps its own initialisation (see ``NormalizedLinear``).
+    """
+
     def __init__(self, in_dim: int, hidden: int, bottleneck: int, prototypes: int):
         super().__init__()
         self.mlp = MLPHead([in_dim, hidden, hidden, bottleneck], batch_norm=False, activation=nn.GELU)
+        for layer in self.mlp.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
         self.last_layer = NormalizedLinear(bottleneck, prototypes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

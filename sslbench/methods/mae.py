@@ -23,7 +23,6 @@ weight decay 0.05, lr 1.5e-4 x batch / 256, warm-up over the first 5% of trainin
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -33,56 +32,18 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from sslbench.augment import ViewConfig
-from sslbench.backbones import Encoder, build_encoder
+from sslbench.backbones import Encoder
 from sslbench.backbones.vit import VIT_PRESETS, VisionTransformer, sincos_position_embedding
 from sslbench.config import check_range
 from sslbench.errors import ConfigError
 from sslbench.methods.base import PretrainMethod, TrainConfig
+from sslbench.methods.masking import masked_image_vit, patchify, random_keep_indices, uniform_keep_indices
 
 MASKINGS = ("random", "uniform")
 UNIFORM_MASK_RATIO = 0.75
 """Keeping one patch of each 2x2 block masks exactly 3/4."""
 UNIFORM_SECONDARY_MASK_RATIO = 0.25
 """UM-MAE's secondary masking ratio (its ``vis_mask_ratio``, configs ``vmr025``)."""
-
-
-def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/p * W/p, p * p * C): patches in raster order, pixels (row, column, channel) within."""
-    b, c, h, w = images.shape
-    p = patch_size
-    x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(patches: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
-    """The inverse of ``patchify`` for ``height`` x ``width`` images."""
-    b, _, dim = patches.shape
-    p = patch_size
-    c = dim // (p * p)
-    x = patches.reshape(b, height // p, width // p, p, p, c).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, c, height, width)
-
-
-def random_keep_indices(batch: int, num_patches: int, num_keep: int, generator: torch.Generator) -> torch.Tensor:
-    """MAE's random masking: for each image, the first ``num_keep`` of a random permutation of the patches (B, K)."""
-    return torch.rand(batch, num_patches, generator=generator).argsort(1)[:, :num_keep]
-
-
-def uniform_keep_indices(batch: int, grid_height: int, grid_width: int, generator: torch.Generator) -> torch.Tensor:
-    """UM-MAE's uniform sampling: one kept patch per 2x2 block, (B, blocks), blocks in raster order.
-
-    Each image draws its blocks' kept corners without replacement from a pool holding each of the 4
-    corners equally often, with at least twice as many entries as blocks (official code), so the
-    corners are kept in near-equal numbers in every image.
-    """
-    blocks_high, blocks_wide = grid_height // 2, grid_width // 2
-    blocks = blocks_high * blocks_wide
-    pool = torch.arange(4).repeat(math.ceil(blocks / 2))
-    corners = pool[torch.rand(batch, len(pool), generator=generator).argsort(1)[:, :blocks]]
-    block = torch.arange(blocks)
-    rows = 2 * (block // blocks_wide) + corners // 2
-    cols = 2 * (block % blocks_wide) + corners % 2
-    return rows * grid_width + cols
 
 
 def mae_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
@@ -150,11 +111,7 @@ class MAE(PretrainMethod):
         return {"lr": 1.5e-4 * train.batch_size / 256, "warmup_epochs": 0.05 * train.epochs}
 
     def build_encoder(self) -> Encoder:
-        if self.backbone_spec.get("backbone") != "vit":
-            raise ConfigError(f"mae needs a ViT backbone, got {self.backbone_spec.get('backbone')!r}; "
-                              "use --backbone vit-tiny, vit-small or vit-nano")
-        # A spec without a build size (the default backbone) is built at the training images' size.
-        return build_encoder({"image_size": self.image_size, **self.backbone_spec})
+        return masked_image_vit(self.name, self.backbone_spec, self.image_size)
 
     def build(self) -> None:
         o = self.options
@@ -162,9 +119,6 @@ class MAE(PretrainMethod):
         if o.masking not in MASKINGS:
             raise ConfigError(f"option masking={o.masking!r} is not allowed; use one of {', '.join(MASKINGS)}")
         check_range("mask_ratio", o.mask_ratio, 0.0, 1.0)
-        if self.image_size % encoder.patch_size:
-            raise ConfigError(f"image size {self.image_size} is not a multiple of the ViT patch size {encoder.patch_size}; "
-                              "change --image-size or the patch size (e.g. --backbone vit-tiny/8)")
         self.grid = (self.image_size // encoder.patch_size,) * 2
         num_patches = self.grid[0] * self.grid[1]
         if o.masking == "uniform":
@@ -214,12 +168,9 @@ class MAE(PretrainMethod):
         encoder: VisionTransformer = self.encoder
         if replaced is None:
             return encoder.forward_tokens(images, keep)
-        tokens = encoder.embed(images)
-        index = keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
-        tokens = torch.gather(tokens, 1, index)
-        positions = torch.gather(encoder.patch_positions(*self.grid).expand(len(images), -1, -1), 1, index)
-        tokens = torch.where(replaced.unsqueeze(-1), self.visible_mask_token + positions, tokens)
-        return encoder.encode(tokens)
+        # The replaced kept patches, marked on the whole grid: the ViT swaps in the token before positions.
+        masked = torch.zeros(len(images), self.grid[0] * self.grid[1], dtype=torch.bool, device=keep.device)
+        return encoder.forward_tokens(images, keep, masked.scatter(1, keep, replaced), self.visible_mask_token)
 
     def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         (view,) = self.views(images, generator)

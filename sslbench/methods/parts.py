@@ -21,18 +21,22 @@ class MLPHead(nn.Sequential):
 
     ``dims = [in, hidden, ..., out]``. SimCLR/MoCo v2 use 2 layers, SimCLRv2 and BYOL's projector
     3 or 2 with BN, DINO a 3-layer head without BN; ``last_bn`` is SimCLRv2's/solo-learn's choice.
+    ``output_layer=False`` makes every step of ``dims`` a Linear-BN-ReLU layer, with no final Linear:
+    the first layers of a head cut after a ReLU, which SimCLRv2 keeps with the encoder at export.
     """
 
-    def __init__(self, dims: list[int], batch_norm: bool = True, last_bn: bool = False, activation: type[nn.Module] = nn.ReLU):
+    def __init__(self, dims: list[int], batch_norm: bool = True, last_bn: bool = False, activation: type[nn.Module] = nn.ReLU,
+                 output_layer: bool = True):
         layers: list[nn.Module] = []
-        for i in range(len(dims) - 2):
+        for i in range(len(dims) - 2 if output_layer else len(dims) - 1):
             layers.append(nn.Linear(dims[i], dims[i + 1], bias=not batch_norm))
             if batch_norm:
                 layers.append(nn.BatchNorm1d(dims[i + 1]))
             layers.append(activation())
-        layers.append(nn.Linear(dims[-2], dims[-1], bias=not last_bn))
-        if last_bn:
-            layers.append(nn.BatchNorm1d(dims[-1], affine=False))
+        if output_layer:
+            layers.append(nn.Linear(dims[-2], dims[-1], bias=not last_bn))
+            if last_bn:
+                layers.append(nn.BatchNorm1d(dims[-1], affine=False))
         super().__init__(*layers)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from sslbench.methods.base import PretrainMethod, simclr_view
 from sslbench.methods.parts import MLPHead, gather_with_grad, rank
@@ -54,12 +55,15 @@ class SimCLR(PretrainMethod):
     Options = SimCLROptions
 
     def build(self) -> None:
-        o = self.options
-        dims = [self.encoder.pooled_dim] + [o.projection_hidden] * (o.projection_layers - 1) + [o.projection_dim]
-        self.projection = MLPHead(dims)
+        self.projection = self.projection_head()
         view = simclr_view(self.image_size)
-        view.blur_p = o.blur_p
+        view.blur_p = self.options.blur_p
         self.views = self.make_views([view, view])
+
+    def projection_head(self) -> nn.Module:
+        """The MLP from the pooled vector to the embedding the loss compares (SimCLRv2 deepens it)."""
+        o = self.options
+        return MLPHead([self.encoder.pooled_dim] + [o.projection_hidden] * (o.projection_layers - 1) + [o.projection_dim])
 
     def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         v1, v2 = self.views(images, generator)

@@ -12,11 +12,11 @@ from typing import ClassVar
 
 import torch
 
-from sslbench.backbones.base import Encoder
+from sslbench.backbones.base import Encoder, count_parameters
 from sslbench.data.base import ImageSet
 from sslbench.errors import ConfigError, DataError
 from sslbench.tasks.finetune import finetune, flip_augment
-from sslbench.tasks.heads import TaskHead, trainable_parameters
+from sslbench.tasks.heads import TaskHead
 from sslbench.tasks.probe import ProbeConfig, predict, seeded, train_probe
 
 FINETUNE = "finetune"
@@ -50,10 +50,10 @@ class Task:
             targets = train.targets[self.target]
             if protocol == FINETUNE:
                 encoder = finetune(head, encoder, train, targets, self.loss, self.augment, config)
-                trainable = trainable_parameters(head.module, encoder)
+                trainable = count_parameters(head.module, encoder, trainable_only=True)
             else:
                 train_probe(head, encoder, train, targets, self.loss, config)
-                trainable = trainable_parameters(head.module)
+                trainable = count_parameters(head.module, trainable_only=True)
         return {**self.metrics(predict(head, encoder, test, config), train, test), TRAINABLE_PARAMS: float(trainable)}
 
     def check(self, train: ImageSet, test: ImageSet, protocol: str) -> None:

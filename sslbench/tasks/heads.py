@@ -47,12 +47,6 @@ def _read_one_map(stride: int, module: nn.Module, features: Features, output_siz
     return module(features.maps[stride])
 
 
-def trainable_parameters(*modules: nn.Module) -> int:
-    """Number of parameters that receive gradients (shared ones counted once): what a protocol trains."""
-    unique = {id(p): p for module in modules for p in module.parameters() if p.requires_grad}
-    return sum(p.numel() for p in unique.values())
-
-
 def usable_strides(map_channels: dict[int, int], finest_stride: int) -> list[int]:
     """The encoder's strides a dense head reads, finest first: those >= ``finest_stride`` (a head's cost
     grows with its finest resolution), or the coarsest one when none is that coarse."""

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from torch import nn
 
 from sslbench.backbones import backbone_spec, build_encoder
+from sslbench.backbones.base import count_parameters
 from sslbench.errors import ConfigError
 
 CASES = [
@@ -44,7 +46,16 @@ def test_spec_round_trip_rebuilds_the_same_architecture():
 def test_resnet18_quarter_width_parameter_count():
     # C10-mini backbone: channels 16/32/64/128; full width is the classic 11.2M CIFAR ResNet-18.
     full = build_encoder(backbone_spec("resnet18", 1.0))
-    assert round(sum(p.numel() for p in full.parameters()) / 1e6, 1) == 11.2
+    assert round(count_parameters(full) / 1e6, 1) == 11.2
+
+
+def test_count_parameters_counts_shared_ones_once_and_can_skip_frozen_ones():
+    shared = nn.Linear(3, 2)  # 3 x 2 + 2 = 8
+    frozen = nn.Linear(2, 4).requires_grad_(False)  # 2 x 4 + 4 = 12
+    first, second = nn.Sequential(shared, frozen), nn.Sequential(shared, nn.Linear(2, 1))  # + 2 x 1 + 1 = 3
+    assert count_parameters(first, second) == 8 + 12 + 3
+    assert count_parameters(first, second, trainable_only=True) == 8 + 3
+    assert count_parameters(frozen, trainable_only=True) == 0
 
 
 @pytest.mark.parametrize("name", ["resnet19", "unet-huge", "vgg"])

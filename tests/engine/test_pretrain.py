@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from sslbench.data import load_dataset
 from sslbench.engine import LAST_CHECKPOINT, RunConfig, load_encoder, pretrain
 from sslbench.errors import ConfigError, SslbenchError
+from sslbench.methods import METHODS, detcon
 
 RESNET = {"backbone": "resnet18", "width": 0.125, "stem": "cifar"}
 UNET = {"backbone": "ddpm_unet"}
@@ -16,6 +17,12 @@ UNET = {"backbone": "ddpm_unet"}
 @pytest.fixture(scope="module")
 def scenes():
     return load_dataset("scenes", None, "train", limit=256).images
+
+
+@pytest.fixture(scope="module")
+def small_scenes():
+    """64 scenes at 16 px: two steps of batch 32 per epoch."""
+    return load_dataset("scenes", None, "train", limit=64, image_size=16).images
 
 
 class _Interrupt(Callback):
@@ -65,6 +72,47 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, scenes, method, backbo
     assert straight.keys() == split.keys()
     for key in straight:
         assert torch.allclose(straight[key], split[key], atol=1e-6), key
+
+
+STATEFUL_RUNS = {
+    # Queue of 128 keys, 64 enqueued per step: after epoch 0 it holds keys of both steps, used as
+    # negatives in epoch 1 next to the key encoder's EMA.
+    "moco": {"queue_size": 128, "projection_hidden": 32, "projection_dim": 16},
+    # The target momentum follows a cosine over the 4 steps: a resumed run must continue it at step 2.
+    "byol": {"projection_hidden": 32, "projection_dim": 16, "prediction_hidden": 32},
+    # Teacher (EMA), centre, teacher-temperature warm-up by step, last layer frozen in epoch 0 only.
+    "dino": {"hidden": 32, "bottleneck": 16, "prototypes": 32},
+    # Per-view queues of 64 fill during epoch 0 and enter Sinkhorn in epoch 1; prototypes frozen in epoch 0.
+    "swav": {"projection_hidden": 32, "projection_dim": 16, "prototypes": 16, "local_views": 0, "queue_size": 64},
+    # EMA target with BYOL's schedule, on FH masks that the resumed run reads back from the disk cache.
+    "detcon_b": {"num_masks": 4, "projection_hidden": 32, "projection_dim": 16, "prediction_hidden": 32},
+}
+
+
+def _state(path):
+    return torch.load(path / LAST_CHECKPOINT, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("method", sorted(STATEFUL_RUNS))
+def test_resume_restores_targets_queues_centres_and_schedules(tmp_path, small_scenes, method):
+    options = STATEFUL_RUNS[method]
+    _run(tmp_path, "straight", small_scenes, method, RESNET, 2, options=options, batch_size=32)
+    first = _run(tmp_path, "split", small_scenes, method, RESNET, 2, options=options, batch_size=32, stop_after=1)
+    assert len(first.epoch_losses) == 1 and _state(tmp_path / "split")["epoch"] == 0  # stopped after epoch 0
+    if METHODS[method].needs_masks:
+        assert len(list(tmp_path.glob("fh-masks-*.npy"))) == 1
+        detcon._FH_MEMORY.clear()  # the resumed run must read the same masks back from the disk cache
+    _run(tmp_path, "split", small_scenes, method, RESNET, 2, options=options, batch_size=32, resume=True)
+    straight, split = _state(tmp_path / "straight"), _state(tmp_path / "split")
+    assert split["global_step"] == straight["global_step"] == 4
+    # Every parameter and buffer of the whole method (online and target networks, queues, centre, BN
+    # statistics), not only the exported encoder, must equal the uninterrupted run's.
+    assert straight["state_dict"].keys() == split["state_dict"].keys()
+    for key, value in straight["state_dict"].items():
+        assert torch.allclose(value.float(), split["state_dict"][key].float(), atol=1e-6), key
+    exported = [load_file(str(tmp_path / name / "encoder.safetensors")) for name in ("straight", "split")]
+    for key in exported[0]:
+        assert torch.equal(exported[0][key], exported[1][key]), key
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path, scenes):

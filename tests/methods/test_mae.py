@@ -9,7 +9,8 @@ from sslbench.backbones import backbone_spec
 from sslbench.engine import RunConfig, load_encoder, pretrain
 from sslbench.errors import ConfigError
 from sslbench.methods import METHODS, TrainConfig
-from sslbench.methods.mae import MAE, MAEOptions, mae_loss, patchify, unpatchify, uniform_keep_indices
+from sslbench.methods.mae import MAE, MAEOptions, mae_loss
+from sslbench.methods.masking import patchify, uniform_keep_indices, unpatchify
 
 NANO_16 = backbone_spec("vit-nano", image_size=16)  # patch 4: a 4x4 grid of 16 patches
 

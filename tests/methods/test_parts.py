@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sslbench.augment import ViewConfig
-from sslbench.methods.parts import Queue, cosine_schedule, ema_update, multicrop_views, sinkhorn
+from sslbench.methods.parts import MLPHead, Queue, cosine_schedule, ema_update, multicrop_views, sinkhorn
 
 
 def test_queue_is_fifo_wraps_around_and_is_checkpointed():
@@ -26,12 +26,15 @@ def test_random_queue_starts_full_of_unit_vectors():
 
 
 def test_sinkhorn_codes_have_uniform_marginals():
-    scores = torch.randn(6, 3)
-    codes = sinkhorn(scores, epsilon=0.5, iterations=3)
+    scores = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    raw = torch.softmax(scores / 0.5, dim=1)
+    codes = sinkhorn(scores, epsilon=0.5, iterations=50)
     # After the final (column) normalisation every sample's code sums to exactly 1 ...
     assert torch.allclose(codes.sum(1), torch.ones(6), atol=1e-6)
-    # ... and each prototype receives about B/K = 2 of the mass (exact only in the limit).
-    assert torch.allclose(codes.sum(0), torch.full((3,), 2.0), atol=0.05)
+    # ... and each prototype receives B/K = 2 of the mass (exact only in the limit, which 50 iterations reach),
+    # which the plain softmax of the same scores does not.
+    assert torch.allclose(codes.sum(0), torch.full((3,), 2.0), atol=1e-3)
+    assert not torch.allclose(raw.sum(0), torch.full((3,), 2.0), atol=0.05)
     assert (codes >= 0).all()
 
 
@@ -72,3 +75,13 @@ def test_multicrop_views_are_two_global_then_local():
     assert [v.size for v in views] == [32, 32, 16, 16, 16]
     assert views[0].crop_scale == (0.14, 1.0) and views[4].crop_scale == (0.05, 0.14)
     assert all(v.blur_p == 0.3 for v in views)
+
+
+def test_mlp_head_layers_and_its_hidden_part_alone():
+    head = MLPHead([8, 6, 6, 4], last_bn=True)
+    assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    assert head(torch.randn(5, 8)).shape == (5, 4)
+    hidden = MLPHead([8, 6, 3], output_layer=False)  # every step of dims is a Linear-BN-ReLU layer
+    assert [type(m) for m in hidden] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU]
+    out = hidden(torch.randn(5, 8))
+    assert out.shape == (5, 3) and (out >= 0).all()

@@ -26,7 +26,8 @@ def test_registry_and_protocols():
     assert set(TASKS) == {"classification", "counting", "depth", "segmentation"}
     for name, task in TASKS.items():
         assert task.name == name and "finetune" in task.protocols
-    assert TASKS["classification"].protocols == ("knn", "linear", "finetune", "linear-1pct", "linear-10pct", "finetune-1pct", "finetune-10pct")
+    assert TASKS["classification"].protocols == ("knn", "linear", "finetune", "linear-1pct", "linear-10pct", "finetune-1pct", "finetune-10pct",
+                                                 "distill-1pct", "distill-10pct")
     assert TASKS["counting"].protocols == ("linear", "conv", "finetune")
     assert check_task("counting", "conv", "scenes") == "conv"
     assert check_task("classification", "finetune-10pct", "scenes") == "finetune-10pct"

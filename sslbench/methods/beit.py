@@ -1,0 +1,146 @@
+"""BEiT-style masked image modelling with colour-palette tokens (after Bao et al. 2022, "BEiT: BERT
+Pre-Training of Image Transformers").
+
+BEiT masks about 40% of the patches with block-wise masking, feeds *all* positions to the ViT (the
+masked ones as a learned mask token plus their position, unlike MAE, which drops them) and trains a
+linear head to predict the visual tokens of the masked patches, with a cross-entropy on those
+positions only. BEiT's tokens come from DALL-E's discrete VAE; **this method does not use a dVAE**.
+Its tokens are the k-means colour palette of iGPT (``sslbench.backbones.palette``), fitted on training
+pixels before the first step and kept in the checkpoint, hence the name ``beit_palette``.
+
+Target: the palette index of *every pixel* of a masked patch, i.e. each masked patch is p*p
+classifications over the palette (p = patch size) from one ViT output. The other choice, one token per
+patch (the palette index of the patch's mean colour), was rejected: at patch 4 most patches of natural
+images hold an edge or a texture, and their mean is a blend of colours that appears nowhere in the
+patch, so the target would say "brownish" where the patch is half red, half green. Per-pixel tokens keep
+what BEiT's token stands for, the content of the patch, as a factorised code of its p*p colours. The
+cost is a head of p*p*K outputs (patch 4, K = 512: 8192, the size of BEiT's vocabulary), evaluated only
+at the masked positions; at patch 16 choose a smaller palette.
+
+What differs from BEiT besides the tokens: the ViT has learned absolute positions and no layer scale
+or relative position bias, and gradients are not clipped. What follows it: 40% block-wise masking
+(``BlockwiseMasking``, here with an exact count), the mask token and head initialised with a truncated
+normal of std 0.02, views that are a random resized crop (scale 0.08-1) and a horizontal flip, the
+targets read from the same view, and AdamW with betas (0.9, 0.98), weight decay 0.05, lr 1.5e-3 at
+batch 2048 scaled linearly with the batch, warm-up over 10 of 800 epochs and drop path 0.1 (its
+ViT-B recipe). The exported encoder is the ViT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslbench.augment import ViewConfig
+from sslbench.backbones.palette import ColourPalette, sample_pixels
+from sslbench.backbones.vit import VIT_PRESETS, VisionTransformer
+from sslbench.config import check_range
+from sslbench.errors import ConfigError
+from sslbench.methods.base import PretrainMethod, TrainConfig
+from sslbench.methods.masking import (BEIT_MIN_BLOCK_FRACTION, BlockwiseMasking, gather_patches, masked_image_vit,
+                                      patchify)
+
+
+def palette_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BEiT's masked image modelling loss (Bao et al. 2022, eq. 1) on palette tokens: ``-log p(token)``
+    averaged over the masked patches of the batch and the p*p pixels of each, in nats.
+
+    ``logits`` (B, M, P, K): the predictions at the M masked patches of each image, P pixels per patch,
+    K palette colours; ``targets`` (B, M, P): the palette indices of those pixels.
+    """
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+
+@dataclass
+class BEiTPaletteOptions:
+    """Masking (BEiT: 40% of the patches in blocks of at least 16 of 196 patches, ``min_block_patches=None``
+    scales that to the grid), the palette (iGPT's 512 colours, fitted on ``palette_pixels`` sampled pixels
+    with ``palette_iterations`` Lloyd rounds) and the crop scale of the views."""
+
+    mask_ratio: float = 0.4
+    min_block_patches: int | None = None
+    palette_size: int = 512
+    palette_pixels: int = 65536
+    palette_iterations: int = 20
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"option mask_ratio={self.mask_ratio} is out of range; use a value in (0, 1) (BEiT: 0.4)")
+        check_range("min_block_patches", self.min_block_patches, 1)
+        check_range("palette_pixels", self.palette_pixels, self.palette_size)
+        check_range("palette_iterations", self.palette_iterations, 0)
+
+
+class BEiTPalette(PretrainMethod):
+    """A ViT that predicts the palette tokens of block-masked patches from a mask token at their positions."""
+
+    name = "beit_palette"
+    Options = BEiTPaletteOptions
+    train_defaults = {"optimizer": "adamw", "weight_decay": 0.05, "betas": (0.9, 0.98)}
+    default_backbone = {"backbone": "vit", **VIT_PRESETS["tiny"], "patch_size": 4, "drop_path": 0.1}
+
+    @classmethod
+    def derived_train_defaults(cls, backbone: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
+        return {"lr": 1.5e-3 * train.batch_size / 2048, "warmup_epochs": train.epochs * 10 / 800}
+
+    def build_encoder(self) -> VisionTransformer:
+        return masked_image_vit(self.name, self.backbone_spec, self.image_size)
+
+    def build(self) -> None:
+        o = self.options
+        encoder: VisionTransformer = self.encoder
+        grid = self.image_size // encoder.patch_size
+        num_patches = grid * grid
+        num_masked = round(o.mask_ratio * num_patches)
+        if not 1 <= num_masked < num_patches:
+            raise ConfigError(f"option mask_ratio={o.mask_ratio} masks {num_masked} of {num_patches} patches; "
+                              "use a ratio that masks at least one patch and leaves one visible")
+        min_block = o.min_block_patches or max(1, round(BEIT_MIN_BLOCK_FRACTION * num_patches))
+        self.masking = BlockwiseMasking(grid, grid, num_masked, min_block)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.palette = ColourPalette(o.palette_size)
+        self.pixels_per_patch = encoder.patch_size ** 2
+        self.head = nn.Linear(encoder.dim, self.pixels_per_patch * o.palette_size)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        view = ViewConfig(size=self.image_size, crop_scale=tuple(o.crop_scale), jitter_p=0.0, grayscale_p=0.0)
+        self.views = self.make_views([view])
+
+    def initialise_from_data(self, images: torch.Tensor, generator: torch.Generator) -> None:
+        """Fit the palette on a seeded sample of training pixels, at the resolution the views have.
+
+        Under DDP every process fits it from the same images and seed on the CPU, so all get the same palette.
+        """
+        o = self.options
+        pixels = sample_pixels(images, o.palette_pixels, generator, lambda batch: batch)
+        self.palette.fit(pixels, o.palette_iterations, generator)
+
+    def export_meta(self) -> dict[str, Any]:
+        size = self.options.palette_size
+        return {"label": f"{self.name}[k={size}]", "tokenizer": f"k-means colour palette of {size} colours, not a dVAE"}
+
+    def encode_masked(self, images: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """The ViT's patch outputs (B, N, dim) with the ``masked`` (B, N) patches replaced by the mask token."""
+        return self.encoder.forward_tokens(images, masked=masked, mask_token=self.mask_token)[:, 1:]
+
+    def masked_prediction_loss(self, outputs: torch.Tensor, tokens: torch.Tensor, masked_indices: torch.Tensor) -> torch.Tensor:
+        """The loss from the patch outputs (B, N, dim) and every patch's pixel tokens (B, N, P), read at the
+        masked patches ``masked_indices`` (B, M) only: the head never runs on the visible ones."""
+        logits = self.head(gather_patches(outputs, masked_indices))
+        logits = logits.unflatten(-1, (self.pixels_per_patch, self.options.palette_size))
+        return palette_token_loss(logits, gather_patches(tokens, masked_indices))
+
+    def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        (view,) = self.views(images, generator)
+        masked = self.masking(len(view), generator)
+        # Every image has the same number of masked patches, so their indices form a (B, M) tensor.
+        masked_indices = masked.nonzero()[:, 1].view(len(view), -1).to(view.device)
+        outputs = self.encode_masked(view, masked.to(view.device))
+        tokens = patchify(self.palette.quantize(view).unsqueeze(1), self.encoder.patch_size)
+        return self.masked_prediction_loss(outputs, tokens, masked_indices), {}

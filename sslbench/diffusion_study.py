@@ -182,6 +182,26 @@ def run_study(encoder: DiffusionEncoder, train: ImageSet, test: ImageSet, levels
     return cells
 
 
+def select_readout(encoder: DiffusionEncoder, train: ImageSet, levels: list[float], blocks: list[str],
+                   config: ProbeConfig, validation_fraction: float = 0.25) -> tuple[DiffusionEncoder, list[StudyCell]]:
+    """The encoder re-read at its best (level, block) by kNN top-1 on a held-out slice of ``train``.
+
+    DDAE's readout is a hyper-parameter of the method (the paper picks it per model), so it must be chosen
+    without the test set: the last ``validation_fraction`` of the training images score the cells against
+    the rest. The returned encoder shares the U-Net and keeps the dense-task pyramid.
+    """
+    if not 0.0 < validation_fraction < 1.0:
+        raise ConfigError(f"validation_fraction={validation_fraction} is out of range; use a value in (0, 1)")
+    split = int(len(train) * (1.0 - validation_fraction))
+    if split < 1 or split >= len(train):
+        raise ConfigError(f"{len(train)} training images are too few to hold out a validation slice for the readout")
+    cells = run_study(encoder, train.subset(slice(0, split)), train.subset(slice(split, None)), levels, blocks, "knn", config)
+    best = max(cells, key=lambda cell: cell.top1)
+    chosen = DiffusionEncoder(encoder.unet, t=best.t, block=best.block, pyramid_blocks=encoder.pyramid_blocks,
+                              noise_seed=encoder.noise_seed, schedule=encoder.schedule)
+    return chosen.eval(), cells
+
+
 def study_grid(cells: list[StudyCell]) -> tuple[list[str], list[list[str]]]:
     """(header, body) of the grid: one line per level, one column per block, the best cell marked ``*``."""
     levels = list(dict.fromkeys(cell.t for cell in cells))

@@ -14,22 +14,13 @@ from sslbench.backbones.unet import UNET_PRESETS, UNet
 from sslbench.cli import main
 from sslbench.data import load_dataset
 from sslbench.data.base import ImageSet
-from sslbench.diffusion_study import (StudyCell, extract_blocks, load_diffusion_encoder, run_study, study_grid, study_levels,
+from sslbench.diffusion_study import (StudyCell, extract_blocks, load_diffusion_encoder, run_study, select_readout, study_grid, study_levels,
                                       study_rows)
 from sslbench.engine import ENCODER_SPEC, ENCODER_WEIGHTS, LAST_CHECKPOINT, RunConfig, export_encoder, pretrain
 from sslbench.errors import ConfigError, SslbenchError
 from sslbench.tasks import ProbeConfig
 from sslbench.tasks.heads import linear_task_head
 from sslbench.tasks.probe import CachedFeatures, fit_cached
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes: one thread is fastest, and OpenMP threads spin badly on a shared busy CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +233,22 @@ def test_pretrain_help_names_the_35_7m_parameter_preset(monkeypatch, capsys):
     code, stdout, _ = run_cli(monkeypatch, capsys, "pretrain", "--help")
     assert code == 0
     assert f"{count / 1e6:.1f}M-parameter" in " ".join(stdout.split())
+
+
+def test_select_readout_takes_the_best_validation_cell_never_the_test_set():
+    encoder = random_encoder()
+    train = two_colour_images(40)
+    config = ProbeConfig(knn_k=5)
+    chosen, cells = select_readout(encoder, train, [0.0, 50.0], ["mid", "up1.1", "up0.1"], config)
+    assert len(cells) == 6
+    best = max(cells, key=lambda cell: cell.top1)
+    assert (chosen.t, chosen.block) == (best.t, best.block)
+    assert chosen.unet is encoder.unet and chosen.pyramid_blocks == encoder.pyramid_blocks
+    assert chosen.pooled_dim == encoder.unet.block_channels(best.block)
+    # The cells are scored on the last quarter of train: the same as a study with that split.
+    again = run_study(encoder, train.subset(slice(0, 30)), train.subset(slice(30, None)), [0.0, 50.0],
+                      ["mid", "up1.1", "up0.1"], "knn", config)
+    assert [cell.top1 for cell in again] == [cell.top1 for cell in cells]
+    assert encoder.t == 11 and encoder.block == "mid"  # the original encoder is left as it was
+    with pytest.raises(ConfigError, match="validation_fraction"):
+        select_readout(encoder, train, [0.0], ["mid"], config, validation_fraction=1.0)

@@ -14,9 +14,14 @@ they agree with each other:
   object at depth ``z`` stands on the row whose ground depth is ``z`` and its size is proportional to
   ``1 / z``, so depth can be read from position, size and texture gradients, as in real images.
 
-Shortcuts are removed on purpose: colours of ground and objects are random per scene and per object, the
-ground texture (noise, stripes, checker) is random, objects are shaded, rotated and partly occluded, and
-pixel noise is added, so class is carried by shape only.
+Shortcuts are removed on purpose: object colours are random per object (saturated, any hue), the ground
+is a random near-grey with a faint random texture (noise, stripes, checker), objects are shaded, tilted by
+up to 20 degrees and partly occluded, and pixel noise is added, so class is carried by shape only. The
+difficulty is calibrated for the demo's CPU budget: a supervised ResNet-18 (quarter width) reaches about
+0.9 test accuracy from 4000 images, random-init features stay near chance (kNN about 0.15), and a few
+minutes of SimCLR or DDAE pretraining lift every task above random init (see the README's demo table).
+An earlier design (smaller, fully rotated objects on saturated, high-contrast textures) left even a
+supervised network at 0.25 from 2000 images and every self-supervised encoder at chance.
 
 Scene ``i`` of a split is drawn from a generator seeded with ``(split, i)`` alone, so it is the same
 whatever ``limit`` is, run after run. Images are rendered at twice the output size and
@@ -109,8 +114,17 @@ class _SceneLayout:
         return np.where(height > 0, np.minimum(depth, far), far)
 
 
-def _random_colour(rng: np.random.Generator) -> np.ndarray:
-    return rng.uniform(0.0, 1.0, 3)
+def _muted_colour(rng: np.random.Generator) -> np.ndarray:
+    """A near-grey colour for ground, sky and haze: the background varies, but does not out-shout the objects."""
+    grey = rng.uniform(0.35, 0.65)
+    return np.clip(grey + rng.uniform(-0.04, 0.04, 3), 0, 1)
+
+
+def _object_colour(rng: np.random.Generator) -> np.ndarray:
+    """A saturated colour of random hue (HSV to RGB), independent of the shape class."""
+    hue, sat, val = rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0)
+    k = (np.array([5.0, 3.0, 1.0]) + hue * 6) % 6
+    return val - val * sat * np.clip(np.minimum(k, 4 - k), 0, 1)
 
 
 def _ground_texture(rng: np.random.Generator, layout: _SceneLayout,
@@ -141,8 +155,8 @@ def _ground_texture(rng: np.random.Generator, layout: _SceneLayout,
             fx, fy = rng.uniform(-4, 4, 2)
             pattern += np.sin(2 * math.pi * (fx * columns + fy * rows) + rng.uniform(0, 2 * math.pi))
         pattern = 0.5 + pattern / 6
-    first, second, sky_top, haze = (_random_colour(rng) for _ in range(4))
-    contrast = rng.uniform(0.3, 1.0)
+    first, second, sky_top, haze = (_muted_colour(rng) for _ in range(4))
+    contrast = rng.uniform(0.05, 0.25)
     # Fog pulls distant ground toward the haze colour, a depth cue that also hides horizon aliasing.
     fog = ((np.minimum(depth, MAX_DEPTH) / MAX_DEPTH) ** 2 * rng.uniform(0.3, 0.9))[None]
     near_colour = (first[:, None, None] * (1 - fog) + haze[:, None, None] * fog).astype(np.float32)
@@ -175,14 +189,14 @@ class _SceneObject:
 
 def _sample_object(rng: np.random.Generator, layout: _SceneLayout) -> _SceneObject:
     # Nearness 1 means standing on the bottom row; depth and image size both follow from it (size ~ 1/depth).
-    nearness = rng.uniform(0.4, 1.12)
+    nearness = rng.uniform(0.55, 1.1)
     return _SceneObject(
         column=rng.uniform(-0.05, 1.05),
         base_row=layout.horizon + nearness * (1.0 - layout.horizon),
         depth=layout.near_depth / nearness,
         radius=layout.near_radius * nearness * rng.uniform(0.85, 1.15),
-        rotation=rng.uniform(0, 2 * math.pi),
-        colour=_random_colour(rng),
+        rotation=rng.uniform(-0.35, 0.35),
+        colour=_object_colour(rng),
     )
 
 
@@ -241,7 +255,7 @@ def _place_objects(rng: np.random.Generator, layout: _SceneLayout, shape: int,
             objects = [obj if shown else _sample_object(rng, layout) for obj, shown in zip(objects, visible)]
     objects = [obj for obj, shown in zip(objects, visible) if shown]
     if not objects:  # every draw was hidden (very rare): stand one object mid-image on the bottom row
-        objects = [_SceneObject(0.5, 1.0, layout.near_depth, layout.near_radius, 0.0, _random_colour(rng))]
+        objects = [_SceneObject(0.5, 1.0, layout.near_depth, layout.near_radius, 0.0, _object_colour(rng))]
     return objects, _render_ids(objects, shape, grid)
 
 
@@ -278,7 +292,7 @@ def _render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, int,
     """One scene: (3, S, S) uint8 image, class, count, (S, S) mask, (S, S) float32 depth."""
     shape = int(rng.integers(len(SCENE_CLASS_NAMES)))
     layout = _SceneLayout(horizon=rng.uniform(-0.25, 0.3), near_depth=rng.uniform(1.2, 2.5),
-                          near_radius=rng.uniform(0.18, 0.26))
+                          near_radius=rng.uniform(0.26, 0.34))
     objects, ids = _place_objects(rng, layout, shape, size)
     grid = size * _SUPERSAMPLE
     centres = (np.arange(grid) + 0.5) / grid
@@ -286,7 +300,7 @@ def _render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, int,
     _paint_objects(image, objects, ids, haze, rng)
 
     pooled = sum(image[:, i::_SUPERSAMPLE, j::_SUPERSAMPLE] for i in range(_SUPERSAMPLE) for j in range(_SUPERSAMPLE))
-    noisy = pooled / _SUPERSAMPLE**2 + rng.standard_normal(pooled.shape, dtype=np.float32) * rng.uniform(0.01, 0.06)
+    noisy = pooled / _SUPERSAMPLE**2 + rng.standard_normal(pooled.shape, dtype=np.float32) * rng.uniform(0.0, 0.03)
     pixels = np.clip(noisy * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
     sampled_ids = _label_samples(ids)

@@ -40,7 +40,7 @@ from sslbench.config import check_range
 from sslbench.data import DATASETS, IGNORE_INDEX
 from sslbench.errors import ConfigError, DataError
 from sslbench.methods.base import PretrainMethod, simclr_view
-from sslbench.methods.byol import BYOL, byol_loss, byol_views
+from sslbench.methods.byol import BYOL, BYOLOptions, byol_loss, byol_views
 from sslbench.methods.parts import MLPHead, frozen_copy, gather_no_grad, gather_with_grad, masked_pool, rank
 
 MASK_SOURCES = ("fh", "ground_truth")
@@ -293,14 +293,8 @@ class DetConS(DetCon):
 
 
 @dataclass
-class DetConBOptions(DetConOptions):
-    projection_hidden: int = 4096
-    projection_dim: int = 256
-    prediction_hidden: int = 4096
-    momentum_start: float = 0.99
-    momentum_end: float = 1.0
-    blur_p: tuple[float, float] = (1.0, 0.1)
-    solarize_p: tuple[float, float] = (0.0, 0.2)
+class DetConBOptions(DetConOptions, BYOLOptions):
+    """The mask options of DetCon with BYOL's heads, momentum schedule and views (BYOL's defaults)."""
 
 
 class DetConB(DetCon):

@@ -13,15 +13,6 @@ from sslbench.errors import ConfigError
 from sslbench.methods.ddae import ddpm_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These shapes are tiny: one thread is fastest, and OpenMP threads spin badly on a shared busy CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def random_unet(seed: int = 0) -> UNet:
     torch.manual_seed(seed)
     unet = UNet(UNET_PRESETS["tiny"]).eval()

@@ -9,14 +9,6 @@ from sslbench.backbones.unet import UNET_PRESETS, UNet, UNetConfig, timestep_emb
 from sslbench.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These shapes are tiny: one thread is fastest, and OpenMP threads spin badly on a shared busy CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 TINY_BLOCKS = ["in", "down0.0", "down0.down", "down1.0", "down1.down", "down2.0", "mid",
                "up2.0", "up2.1", "up2.up", "up1.0", "up1.1", "up1.up", "up0.0", "up0.1", "out"]
 

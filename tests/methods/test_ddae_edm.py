@@ -14,15 +14,6 @@ from sslbench.methods import METHODS
 from sslbench.methods.ddae_edm import DDAEEDMOptions, edm_loss, edm_loss_weight, sample_training_sigmas
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes: one thread is fastest, and OpenMP threads spin badly on a shared busy CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_training_sigmas_are_log_normal_with_the_edm_parameters():
     sigmas = sample_training_sigmas(40_000, p_mean=-1.2, p_std=1.2, generator=torch.Generator().manual_seed(0))
     assert sigmas.shape == (40_000,) and bool((sigmas > 0).all())

@@ -78,10 +78,11 @@ def test_loss_is_simclrs_ntxent_on_the_projections(small_scenes):
 def test_training_lowers_the_loss(tmp_path):
     # The output BatchNorm removes what all images share, so two views of an image start nearly
     # orthogonal and the loss above chance (log(2 * 32 - 1) = 4.14); at this size the head only moves
-    # within 48 steps with a high learning rate (the loss stays flat for ~150 steps at lr 0.06).
+    # within 48 steps with a high learning rate (the loss stays flat for ~150 steps at lr 0.06, and falls by
+    # under 0.1 at lr 0.3 on these scenes; measured at lr 1.0: 5.30 -> 4.52).
     images = load_dataset("scenes", None, "train", limit=256, image_size=16).images
     result = pretrain("simclrv2", images, RunConfig(out=tmp_path / "run", progress=False), backbone=RESNET,
-                      train={"epochs": 6, "batch_size": 32, "lr": 0.3})
+                      train={"epochs": 6, "batch_size": 32, "lr": 1.0})
     losses = result.epoch_losses
     assert losses[0] > 4.14 and losses[-1] < losses[0] - 0.3
     encoder, meta = load_encoder(tmp_path / "run")

@@ -17,15 +17,6 @@ from sslbench.tasks.heads import (
     usable_strides,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tiny convolutions are slower with two threads on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 STRIDE_SETS = [
     ({1: 8, 2: 16, 4: 32, 8: 64}, (32, 32)),  # ResNet, CIFAR stem
     ({4: 8, 8: 16, 16: 32, 32: 64}, (64, 64)),  # ResNet, ImageNet stem: a 2x2 stride-32 map

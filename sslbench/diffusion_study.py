@@ -203,13 +203,16 @@ def select_readout(encoder: DiffusionEncoder, train: ImageSet, levels: list[floa
 
 
 def study_grid(cells: list[StudyCell]) -> tuple[list[str], list[list[str]]]:
-    """(header, body) of the grid: one line per level, one column per block, the best cell marked ``*``."""
+    """(header, body) of the grid: one line per block, one column per level, the best cell marked ``*``.
+
+    Blocks go down the rows because a U-Net has many (16 in the small one) and levels are few: the
+    table then fits a terminal's width."""
     levels = list(dict.fromkeys(cell.t for cell in cells))
     blocks = list(dict.fromkeys(cell.block for cell in cells))
     best = max(cells, key=lambda cell: cell.top1) if cells else None
     values = {(cell.t, cell.block): f"{cell.top1:.3f}" + ("*" if cell is best else "") for cell in cells}
-    header = ["t \\ block", *blocks]
-    body = [[f"{level:g}", *(values.get((level, name), "-") for name in blocks)] for level in levels]
+    header = ["block \\ t", *(f"{level:g}" for level in levels)]
+    body = [[name, *(values.get((level, name), "-") for level in levels)] for name in blocks]
     return header, body
 
 

@@ -201,8 +201,8 @@ def test_pretrain_encoder_is_trained_once_and_resumes_after_an_interruption(tmp_
 def test_shipped_configs_are_valid(tmp_path):
     configs = Path(__file__).parents[1] / "configs"
     cpu = load_bench_config(configs / "core_study_cpu.yaml")
-    assert [e.name for e in cpu.encoders] == ["simclr", "ddae", "random-resnet18", "random-unet-small"]
-    assert len(cpu.cells()) == 4 * 5 * 3 and {d.name for d in cpu.datasets.values()} == {"scenes"}
+    assert [e.name for e in cpu.encoders] == ["simclr", "moco", "swav", "ddae", "random-resnet18", "random-unet-small"]
+    assert len(cpu.cells()) == 6 * 5 * 3 and {d.name for d in cpu.datasets.values()} == {"scenes"}
     # The GPU config's roots are placeholders: validation names them; with real folders it passes.
     with pytest.raises(ConfigError, match="root '/set/to/your/folder/.*' does not exist; set it to the folder"):
         load_bench_config(configs / "core_study.yaml")

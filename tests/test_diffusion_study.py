@@ -147,14 +147,14 @@ def test_readout_levels_from_the_command_line():
         study_levels(ddpm, "1.5", None, False)
 
 
-def test_grid_has_levels_as_rows_blocks_as_columns_and_marks_the_best():
+def test_grid_has_blocks_as_rows_levels_as_columns_and_marks_the_best():
     cells = [StudyCell(0, "mid", 0.5, 1.0), StudyCell(0, "up2.2", 0.7, 1.0),
              StudyCell(11, "mid", 0.9, 1.0), StudyCell(11, "up2.2", 0.8, 1.0)]
     header, body = study_grid(cells)
-    assert header == ["t \\ block", "mid", "up2.2"]
-    assert body == [["0", "0.500", "0.700"], ["11", "0.900*", "0.800"]]
+    assert header == ["block \\ t", "0", "11"]
+    assert body == [["mid", "0.500", "0.900*"], ["up2.2", "0.700", "0.800"]]
     header, body = study_grid([StudyCell(0.047, "mid", 0.3, 0.0)])
-    assert body == [["0.047", "0.300*"]]
+    assert header == ["block \\ t", "0.047"] and body == [["mid", "0.300*"]]
 
 
 def test_rows_carry_t_block_and_weights():
@@ -196,7 +196,7 @@ def test_probe_diffusion_command_appends_a_row_per_cell_and_prints_the_grid(monk
                                 "--image-size", "16", "--train-limit", "40", "--test-limit", "20", "--probe-epochs", "2",
                                 "--device", "cpu", "--out", out)
     assert code == 0, err
-    assert "t \\ block" in stdout and stdout.count("*") == 1 + stdout.count("(* best)")
+    assert "block \\ t" in stdout and stdout.count("*") == 1 + stdout.count("(* best)")
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(row["t"], row["block"]) for row in rows] == [(0, "mid"), (0, "up1.0"), (11, "mid"), (11, "up1.0")]
     assert all(row["weights"] == "raw" and row["optimizer"] == "adam" and row["protocol"] == "linear"

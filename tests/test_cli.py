@@ -1,19 +1,9 @@
 """The CLI: every bad input is one line naming the problem and the fix, exit code 2, nothing written."""
 
-import sys
 
 import pytest
 from PIL import Image
 
-from sslbench.cli import main
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["sslbench", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("args,message", [
@@ -33,67 +23,67 @@ def run_cli(monkeypatch, capsys, *args):
     (["eval", "--task", "classification", "--random", "--encoder", "timm:resnet10t"], "give exactly one of --encoder"),
     (["eval", "--task", "classification", "--encoder", "timm:resnet10x?pretrained=false"], "unknown timm model 'resnet10x'; did you mean"),
 ])
-def test_bad_input_is_one_line_exit_2(monkeypatch, capsys, tmp_path, args, message):
+def test_bad_input_is_one_line_exit_2(run_cli, monkeypatch, capsys, tmp_path, args, message):
     out = tmp_path / "out"
-    code, _, err = run_cli(monkeypatch, capsys, *args, "--out", out)
+    code, _, err = run_cli(*args, "--out", out)
     assert code == 2
     assert message in err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert not out.exists()
 
 
-def test_missing_and_wrongly_laid_out_data_roots(monkeypatch, capsys, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--method", "simclr", "--data", "cifar10",
+def test_missing_and_wrongly_laid_out_data_roots(run_cli, monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli("pretrain", "--method", "simclr", "--data", "cifar10",
                            "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o")
     assert code == 2 and "nowhere" in err and "not found" in err and err.count("\n") == 1
     (tmp_path / "empty").mkdir()
-    code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--method", "simclr", "--data", "cifar10",
+    code, _, err = run_cli("pretrain", "--method", "simclr", "--data", "cifar10",
                            "--data-root", tmp_path / "empty", "--out", tmp_path / "o")
     assert code == 2 and "cifar-10-batches-py" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
 
 
-def test_corrupt_image_is_named(monkeypatch, capsys, tmp_path):
+def test_corrupt_image_is_named(run_cli, monkeypatch, capsys, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     Image.new("RGB", (32, 32), (10, 20, 30)).save(folder / "good.png")
     (folder / "bad.png").write_bytes(b"not a png at all")
-    code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--method", "simclr", "--data", "folder",
+    code, _, err = run_cli("pretrain", "--method", "simclr", "--data", "folder",
                            "--data-root", folder, "--out", tmp_path / "o")
     assert code == 2 and "bad.png" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
 
 
-def test_eval_random_appends_rows_and_results_prints_the_table(monkeypatch, capsys, tmp_path):
+def test_eval_random_appends_rows_and_results_prints_the_table(run_cli, monkeypatch, capsys, tmp_path):
     out = tmp_path / "eval"
-    code, stdout, _ = run_cli(monkeypatch, capsys, "eval", "--random", "--backbone", "resnet18", "--width", "0.125",
+    code, stdout, _ = run_cli("eval", "--random", "--backbone", "resnet18", "--width", "0.125",
                               "--task", "classification", "--protocol", "knn", "--train-limit", "200",
                               "--test-limit", "50", "--out", out)
     assert code == 0 and "top1=" in stdout
     rows = (out / "results.jsonl").read_text().splitlines()
     assert len(rows) == 1 and '"method": "random-resnet18"' in rows[0] and '"task": "classification"' in rows[0]
-    code, stdout, _ = run_cli(monkeypatch, capsys, "results", out)
+    code, stdout, _ = run_cli("results", out)
     assert code == 0 and "random-resnet18" in stdout and "class/knn top1" in stdout
 
 
-def test_bench_config_errors_are_one_line(monkeypatch, capsys, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "bench", tmp_path / "missing.yaml")
+def test_bench_config_errors_are_one_line(run_cli, monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli("bench", tmp_path / "missing.yaml")
     assert code == 2 and "missing.yaml not found" in err and err.count("\n") == 1
     config = tmp_path / "bench.yaml"
     config.write_text("out: runs/x\nseed: [0]\n")
-    code, _, err = run_cli(monkeypatch, capsys, "bench", config)
+    code, _, err = run_cli("bench", config)
     assert code == 2 and "bench config has unknown key 'seed'; allowed: out, device, seeds" in err and err.count("\n") == 1
 
 
-def test_eval_encoder_timm_labels_its_rows(monkeypatch, capsys, tmp_path):
-    code, stdout, _ = run_cli(monkeypatch, capsys, "eval", "--encoder", "timm:resnet10t?pretrained=false", "--task", "classification",
+def test_eval_encoder_timm_labels_its_rows(run_cli, monkeypatch, capsys, tmp_path):
+    code, stdout, _ = run_cli("eval", "--encoder", "timm:resnet10t?pretrained=false", "--task", "classification",
                               "--protocol", "knn", "--train-limit", "40", "--test-limit", "10", "--image-size", "16", "--out", tmp_path)
     assert code == 0 and "random-timm:resnet10t classification/knn" in stdout
     assert '"checkpoint": "random"' in (tmp_path / "results.jsonl").read_text()
 
 
-def test_help_documents_every_option(monkeypatch, capsys):
-    code, stdout, _ = run_cli(monkeypatch, capsys, "pretrain", "--help")
+def test_help_documents_every_option(run_cli, monkeypatch, capsys):
+    code, stdout, _ = run_cli("pretrain", "--help")
     assert code == 0
     for option in ("--method", "--data", "--data-root", "--backbone", "--width", "--epochs", "--batch-size",
                    "--limit", "--out", "--seed", "--resume", "--set"):

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import sys
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ from PIL import Image
 from sslbench.backbones import build_encoder
 from sslbench.backbones.diffusion import DiffusionEncoder, EDMSchedule
 from sslbench.backbones.unet import UNET_PRESETS, UNet
-from sslbench.cli import main
 from sslbench.data import load_dataset
 from sslbench.data.base import ImageSet
 from sslbench.diffusion_study import (StudyCell, extract_blocks, load_diffusion_encoder, run_study, select_readout, study_grid, study_levels,
@@ -181,17 +179,9 @@ def test_probe_optimizer_choice():
         ProbeConfig(optimizer="sgd")
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["sslbench", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
-def test_probe_diffusion_command_appends_a_row_per_cell_and_prints_the_grid(monkeypatch, capsys, ddae_run, tmp_path):
+def test_probe_diffusion_command_appends_a_row_per_cell_and_prints_the_grid(run_cli, monkeypatch, capsys, ddae_run, tmp_path):
     out = tmp_path / "study"
-    code, stdout, err = run_cli(monkeypatch, capsys, "probe-diffusion", "--checkpoint", ddae_run, "--timesteps", "0,11",
+    code, stdout, err = run_cli("probe-diffusion", "--checkpoint", ddae_run, "--timesteps", "0,11",
                                 "--blocks", "mid,up1.0", "--weights", "raw", "--head", "linear", "--optimizer", "adam",
                                 "--image-size", "16", "--train-limit", "40", "--test-limit", "20", "--probe-epochs", "2",
                                 "--device", "cpu", "--out", out)
@@ -210,27 +200,27 @@ def test_probe_diffusion_command_appends_a_row_per_cell_and_prints_the_grid(monk
     (["--sigmas", "0.1"], "give its readout levels with --timesteps"),
     (["--blocks", "mid,middle", "--train-limit", "4", "--test-limit", "4"], "unknown U-Net block 'middle'"),
 ])
-def test_bad_study_input_is_one_line_exit_2(monkeypatch, capsys, ddae_run, tmp_path, args, message):
+def test_bad_study_input_is_one_line_exit_2(run_cli, monkeypatch, capsys, ddae_run, tmp_path, args, message):
     out = tmp_path / "out"
-    code, _, err = run_cli(monkeypatch, capsys, "probe-diffusion", "--checkpoint", ddae_run, *args, "--out", out)
+    code, _, err = run_cli("probe-diffusion", "--checkpoint", ddae_run, *args, "--out", out)
     assert code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1
     assert not out.exists()
 
 
-def test_a_folder_without_class_subfolders_is_refused(monkeypatch, capsys, ddae_run, tmp_path):
+def test_a_folder_without_class_subfolders_is_refused(run_cli, monkeypatch, capsys, ddae_run, tmp_path):
     folder = tmp_path / "flat"
     folder.mkdir()
     for i in range(4):
         Image.new("RGB", (16, 16), (60 * i, 20, 30)).save(folder / f"{i}.png")
-    code, _, err = run_cli(monkeypatch, capsys, "probe-diffusion", "--checkpoint", ddae_run, "--data", "folder",
+    code, _, err = run_cli("probe-diffusion", "--checkpoint", ddae_run, "--data", "folder",
                            "--data-root", folder, "--blocks", "mid", "--out", tmp_path / "out")
     assert code == 2 and "has no class labels; probe-diffusion needs a classification dataset" in err and err.count("\n") == 1
 
 
-def test_pretrain_help_names_the_35_7m_parameter_preset(monkeypatch, capsys):
+def test_pretrain_help_names_the_35_7m_parameter_preset(run_cli, monkeypatch, capsys):
     with torch.device("meta"):
         count = sum(p.numel() for p in UNet(UNET_PRESETS["ddpm_cifar10"]).parameters())
-    code, stdout, _ = run_cli(monkeypatch, capsys, "pretrain", "--help")
+    code, stdout, _ = run_cli("pretrain", "--help")
     assert code == 0
     assert f"{count / 1e6:.1f}M-parameter" in " ".join(stdout.split())
 

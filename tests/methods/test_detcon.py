@@ -3,7 +3,6 @@ the FH mask cache, training through the engine, resume, and the errors of a wron
 
 import json
 import math
-import sys
 
 import pytest
 import skimage.segmentation
@@ -12,7 +11,6 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from safetensors.torch import load_file
 
-from sslbench.cli import main
 from sslbench.data import IGNORE_INDEX, load_dataset
 from sslbench.engine import RunConfig, load_encoder, pretrain
 from sslbench.errors import ConfigError, DataError
@@ -247,18 +245,10 @@ def test_ground_truth_without_masks_raises_the_documented_error(tmp_path, small_
     assert not (tmp_path / "a").exists()
 
 
-def _cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["sslbench", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.err
-
-
-def test_cli_ground_truth_masks_on_scenes_and_on_a_dataset_without_masks(monkeypatch, capsys, tmp_path):
+def test_cli_ground_truth_masks_on_scenes_and_on_a_dataset_without_masks(run_cli, tmp_path):
     tiny = ["--backbone", "resnet18", "--width", "0.125", "--image-size", "16", "--limit", "32", "--epochs", "1",
             "--batch-size", "16", "--set", "mask_source=ground_truth", "--set", "projection_hidden=64"]
-    code, err = _cli(monkeypatch, capsys, "pretrain", "--method", "detcon_s", *tiny, "--out", tmp_path / "scenes")
+    code, _, err = run_cli("pretrain", "--method", "detcon_s", *tiny, "--out", tmp_path / "scenes")
     assert code == 0, err
     meta = json.loads((tmp_path / "scenes" / "encoder.json").read_text())
     assert meta["mask_source"] == "ground_truth" and meta["options"]["mask_source"] == "ground_truth"
@@ -269,7 +259,7 @@ def test_cli_ground_truth_masks_on_scenes_and_on_a_dataset_without_masks(monkeyp
     folder.mkdir()
     for index in range(16):
         Image.new("RGB", (16, 16), (index * 10, 20, 30)).save(folder / f"{index}.png")
-    code, err = _cli(monkeypatch, capsys, "pretrain", "--method", "detcon_s", "--data", "folder", "--data-root", folder,
+    code, _, err = run_cli("pretrain", "--method", "detcon_s", "--data", "folder", "--data-root", folder,
                      *tiny, "--out", tmp_path / "folder")
     assert code == 2 and err.count("\n") == 1
     assert "mask_source=ground_truth needs a dataset with a 'mask' target (scenes, pets)" in err

@@ -2,14 +2,12 @@
 where classification fine-tuning starts."""
 
 import json
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 from sslbench.backbones.projected import ProjectedEncoder
-from sslbench.cli import main
 from sslbench.data import load_dataset
 from sslbench.engine import LAST_CHECKPOINT, RunConfig, export_encoder, load_encoder, pretrain
 from sslbench.errors import ConfigError
@@ -170,24 +168,16 @@ def test_bad_options_are_config_errors(tmp_path, small_scenes, options, message)
     assert not (tmp_path / "bad").exists()
 
 
-def _cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["sslbench", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
-def test_cli_pretrains_simclrv2_and_evaluates_it_with_distillation(monkeypatch, capsys, tmp_path):
+def test_cli_pretrains_simclrv2_and_evaluates_it_with_distillation(run_cli, monkeypatch, capsys, tmp_path):
     run = tmp_path / "run"
-    code, stdout, err = _cli(monkeypatch, capsys, "pretrain", "--method", "simclrv2", "--backbone", "resnet18", "--width", "0.125",
+    code, stdout, err = run_cli("pretrain", "--method", "simclrv2", "--backbone", "resnet18", "--width", "0.125",
                              "--image-size", "16", "--limit", "64", "--epochs", "1", "--batch-size", "32",
                              "--set", f"projection_hidden={HIDDEN}", "--out", run)
     assert code == 0, err
     assert "simclrv2: 1 epochs this run" in stdout
     meta = json.loads((run / "encoder.json").read_text())
     assert meta["spec"]["backbone"] == "projected" and meta["options"]["export_head_layers"] == 1
-    code, stdout, err = _cli(monkeypatch, capsys, "eval", "--checkpoint", run, "--task", "classification", "--protocol", "distill-10pct",
+    code, stdout, err = run_cli("eval", "--checkpoint", run, "--task", "classification", "--protocol", "distill-10pct",
                              "--image-size", "16", "--train-limit", "40", "--test-limit", "10", "--probe-epochs", "1", "--out", tmp_path)
     assert code == 0, err
     assert "simclrv2 classification/distill-10pct" in stdout and "teacher_top1=" in stdout

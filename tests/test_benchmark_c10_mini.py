@@ -1,0 +1,77 @@
+"""benchmarks/c10_mini.py: a recipe for every method that builds, and a --limit smoke run that says it is one."""
+
+import importlib.util
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sslbench.backbones import build_encoder
+from sslbench.backbones.base import count_parameters
+from sslbench.config import apply_overrides
+from sslbench.methods import METHODS, TrainConfig
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "c10_mini.py"
+
+
+@pytest.fixture(scope="module")
+def c10_mini():
+    spec = importlib.util.spec_from_file_location("c10_mini", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_registered_method_has_a_recipe(c10_mini):
+    assert set(c10_mini.RECIPES) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_recipe_builds_its_method(c10_mini, method):
+    """Options and training settings are valid for the method (as the engine merges them) and the model builds."""
+    recipe, cls = c10_mini.RECIPES[method], METHODS[method]
+    train = apply_overrides(apply_overrides(TrainConfig(), cls.train_defaults), recipe["train"])
+    train = apply_overrides(train, {k: v for k, v in cls.derived_train_defaults(recipe["backbone"], train).items()
+                                    if k not in recipe["train"]})
+    train.validate()
+    assert train.batch_size == (128 if method.startswith("ddae") else 256)
+    module = cls(recipe["backbone"], apply_overrides(cls.Options(), recipe["options"]), train, 32, 1)
+    assert module.export_encoder().pooled_dim > 0
+
+
+def test_backbone_sizes_match_the_recipe_notes(c10_mini):
+    """The notes compare the ViT for MAE/BEiT (1.2M parameters) with the protocol's ResNet (0.7M)."""
+    assert count_parameters(build_encoder(c10_mini.RESNET)) == pytest.approx(0.7e6, rel=0.05)
+    assert count_parameters(build_encoder(c10_mini.VIT_MINI)) == pytest.approx(1.2e6, rel=0.05)
+
+
+def _cifar10(root: Path, train_per_batch: int, test: int) -> None:
+    """Random pixels in the official python-version layout."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batches = [(f"data_batch_{b + 1}", train_per_batch) for b in range(5)] + [("test_batch", test)]
+    for name, n in batches:
+        with open(folder / name, "wb") as file:
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n)]}, file)
+    with open(folder / "batches.meta", "wb") as file:
+        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, file)
+
+
+def test_limit_smoke_run_reports_that_it_is_not_the_protocol(c10_mini, tmp_path, monkeypatch):
+    _cifar10(tmp_path, train_per_batch=52, test=8)
+    report = tmp_path / "report.json"
+    monkeypatch.setattr(sys, "argv", ["c10_mini.py", "--data-root", str(tmp_path), "--methods", "simclr", "--limit", "256",
+                                      "--epochs", "1", "--threads", "1", "--linear", "--linear-epochs", "1",
+                                      "--out", str(tmp_path / "runs"), "--json", str(report)])
+    c10_mini.main()
+    result = json.loads(report.read_text())
+    assert result["protocol"].startswith("NOT C10-mini: --limit 256") and "8 test queries" in result["protocol"]
+    assert "--limit 256" in result["command"]
+    run = result["methods"]["simclr"]
+    assert set(run["knn_top1"]) == {"1"} and 0.0 <= run["knn_top1"]["1"] <= 1.0
+    assert 0.0 <= run["linear_top1"] <= 1.0
+    assert set(result["floors"]) == {"raw pixels", "random init (simclr backbone)", "random init (simclr backbone), linear"}

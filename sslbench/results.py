@@ -132,12 +132,15 @@ def render_table(rows: list[dict[str, Any]], title: str = "sslbench results") ->
 def print_table(header: list[str], body: list[list[str]], title: str) -> None:
     """Print a (header, body) table with rich, at least 120 columns wide."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, caption="↑ higher is better, ↓ lower is better")
+    # Labels such as ``detcon_s[fh]`` or ``ddae[t=11,up1.1]`` are data, not rich markup: escape them, or rich
+    # would swallow the brackets as a style tag and print ``detcon_s``.
+    table = Table(title=escape(title), caption="↑ higher is better, ↓ lower is better")
     for name in header:
-        table.add_column(name, justify="left" if name == "method" else "right", no_wrap=name == "method")
+        table.add_column(escape(name), justify="left" if name == "method" else "right", no_wrap=name == "method")
     for line in body:
-        table.add_row(*line)
+        table.add_row(*map(escape, line))
     console = Console()
     Console(width=max(console.width, 120)).print(table)

@@ -12,7 +12,7 @@ import sslbench.engine as engine
 from sslbench.bench import done_cells, load_bench_config, parse_bench_config, run_bench
 from sslbench.engine import export_encoder
 from sslbench.errors import ConfigError
-from sslbench.results import load_rows, matrix_table
+from sslbench.results import load_rows, matrix_table, print_table
 
 SCENES = {"name": "scenes", "image_size": 16, "train_limit": 32, "test_limit": 16}
 
@@ -234,3 +234,11 @@ def test_table_is_mean_and_sample_std_over_seeds():
     assert header == ["method", "scenes class/linear top1 ↑", "scenes depth/probe rmse ↓"]
     # a: top1 (0.5, 0.7): mean 0.6, std sqrt(0.02) = 0.1414; rmse (1, 2, 4): mean 7/3, std sqrt(7/3) = 1.5275.
     assert body == [["b", "-", "1.500"], ["a", "0.600 ± 0.141", "2.333 ± 1.528"]]
+
+
+def test_printed_table_keeps_bracketed_labels(capsys):
+    # rich reads "[...]" as markup; the method labels of DetCon and a chosen DDAE readout must survive.
+    print_table(["method", "scenes class/knn top1 ↑"], [["detcon_s[fh]", "0.500"], ["ddae[t=11,up1.1]", "0.400"]],
+                title="runs/[x]")
+    out = capsys.readouterr().out
+    assert "detcon_s[fh]" in out and "ddae[t=11,up1.1]" in out and "runs/[x]" in out

@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
 from sslbench.config import apply_overrides, load_yaml
 from sslbench.data import dataset_entry, load_dataset
 from sslbench.errors import ConfigError
 from sslbench.evaluation import EncoderUnderTest, check_encoder_reference, check_task, evaluate, load_splits
-from sslbench.tasks import TASKS, ProbeConfig
+from sslbench.tasks import TASKS, ProbeConfig, default_device
 
 ENCODER_KINDS = ("checkpoint", "random", "timm", "pretrain")
 TOP_LEVEL_KEYS = ("out", "device", "seeds", "probe", "datasets", "tasks", "encoders")
@@ -399,7 +398,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> tuple[list
 
 
 def _run_cells(config: BenchConfig, pending: list[Cell], console: Console) -> None:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    device = default_device(None if config.device == "auto" else config.device)
     accelerator = "auto" if config.device == "auto" else ("gpu" if device == "cuda" else "cpu")
     encoders = {encoder.name: encoder for encoder in config.encoders}
     needed = list(dict.fromkeys(cell.encoder for cell in pending))

@@ -125,10 +125,8 @@ def eval_(
     device: Optional[str] = typer.Option(None, help="Device for the probe: cpu or cuda (default: cuda if available)."),
 ) -> None:
     """Evaluate an encoder (timm model, checkpoint or random init) on one task and append the results."""
-    import torch
-
     from sslbench.evaluation import check_encoder_reference, check_task, evaluate, load_splits
-    from sslbench.tasks import ProbeConfig
+    from sslbench.tasks import ProbeConfig, default_device
 
     _positive("probe-epochs", probe_epochs)
     _positive("train-limit", train_limit)
@@ -141,8 +139,8 @@ def eval_(
         check_encoder_reference(encoder if encoder is not None else f"random:{backbone}")
     train, test = load_splits(data, data_root, image_size, train_limit, test_limit)
     subject = _subject(encoder, checkpoint, random, backbone, width, seed, train.image_size[0])
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = evaluate(subject, task, protocol, data, train, test, ProbeConfig(epochs=probe_epochs, seed=seed, device=device), out)
+    metrics = evaluate(subject, task, protocol, data, train, test,
+                       ProbeConfig(epochs=probe_epochs, seed=seed, device=default_device(device)), out)
     typer.echo(f"{subject.method} {task}/{protocol} on {data}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
@@ -176,12 +174,10 @@ def probe_diffusion(
     device: Optional[str] = typer.Option(None, help="Device: cpu or cuda (default: cuda if available)."),
 ) -> None:
     """DDAE's readout study: one probe per (noise level t, U-Net block), one U-Net pass per t; prints the grid."""
-    import torch
-
     from sslbench.diffusion_study import check_head, load_diffusion_encoder, print_grid, run_study, study_levels, study_rows
     from sslbench.evaluation import check_task, load_splits
     from sslbench.results import append_rows
-    from sslbench.tasks import ProbeConfig
+    from sslbench.tasks import ProbeConfig, default_device
 
     _positive("probe-epochs", probe_epochs)
     _positive("train-limit", train_limit)
@@ -189,8 +185,7 @@ def probe_diffusion(
     _positive("image-size", image_size)
     check_task("classification", "linear", data)
     check_head(head)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config = ProbeConfig(epochs=probe_epochs, seed=seed, device=device, optimizer=optimizer)
+    config = ProbeConfig(epochs=probe_epochs, seed=seed, device=default_device(device), optimizer=optimizer)
     encoder, meta = load_diffusion_encoder(checkpoint, weights)
     levels = study_levels(encoder, timesteps, sigmas, no_noise)
     block_names = [b.strip() for b in blocks.split(",") if b.strip()] if blocks else encoder.unet.block_names()

@@ -18,17 +18,16 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from sslbench.backbones import backbone_spec
-from sslbench.engine import RunConfig, pretrain
-from sslbench.errors import SslbenchError
 from sslbench.data.base import ImageSet
 from sslbench.diffusion_study import select_readout
+from sslbench.engine import RunConfig, pretrain
+from sslbench.errors import SslbenchError
 from sslbench.evaluation import EncoderUnderTest, checkpoint_subject, evaluate, load_splits, random_subject
 from sslbench.results import load_rows, render_table
-from sslbench.tasks import ProbeConfig
+from sslbench.tasks import ProbeConfig, default_device
 
 
 @dataclass(frozen=True)
@@ -53,10 +52,10 @@ DDAE_READOUT_BLOCKS = ["mid", "up2.1", "up1.1", "up0.1"]
 the last ResBlock of each decoder level (where short training puts the best features)."""
 
 
-def best_ddae_readout(subject: EncoderUnderTest, train: ImageSet, console: Console) -> EncoderUnderTest:
-    """DDAE read at its best (t, block), chosen by kNN on a held-out quarter of the training images."""
+def best_ddae_readout(subject: EncoderUnderTest, train: ImageSet, probe: ProbeConfig, console: Console) -> EncoderUnderTest:
+    """DDAE read at its best (t, block), chosen by kNN (``probe``'s k and temperature) on a held-out quarter
+    of the training images."""
     start = time.perf_counter()
-    probe = ProbeConfig(device="cuda" if torch.cuda.is_available() else "cpu")
     blocks = [name for name in DDAE_READOUT_BLOCKS if name in subject.encoder.unet.block_names()]
     encoder, _ = select_readout(subject.encoder, train, DDAE_READOUT_LEVELS, blocks, probe)
     console.print(f"  ddae readout: t={encoder.t:g}, block {encoder.block} (best validation kNN of "
@@ -84,18 +83,18 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0, overwrite: bool = Fal
         "ddae": dict(backbone=unet, train={"epochs": scale.ddae_epochs, "batch_size": 128, "seed": seed,
                                            "lr": 1e-3, "warmup_epochs": 0.5}),
     }
+    # Dense heads read maps of stride >= 2 through a 32-wide decoder: the same for every encoder, and
+    # cheap enough for a laptop CPU.
+    probe = ProbeConfig(epochs=scale.probe_epochs, seed=seed, dense_batch_size=64, decoder_width=32, finest_stride=2,
+                        device=default_device())
     subjects = [random_subject(resnet, "random-resnet18", seed), random_subject(unet, "random-unet", seed)]
     for method, kwargs in runs.items():
         console.print(f"pretraining [bold]{method}[/bold] ...")
         result = pretrain(method, train.images, RunConfig(out=out / method), info={"data": "scenes"}, **kwargs)
         console.print(f"  {method}: {sum(result.epoch_seconds):.0f} s, {result.images_per_second:.0f} images/s, final loss {result.final_loss:.3f}")
         subject = checkpoint_subject(out / method)
-        subjects.append(best_ddae_readout(subject, train, console) if method == "ddae" else subject)
+        subjects.append(best_ddae_readout(subject, train, probe, console) if method == "ddae" else subject)
 
-    # Dense heads read maps of stride >= 2 through a 32-wide decoder: the same for every encoder, and
-    # cheap enough for a laptop CPU.
-    probe = ProbeConfig(epochs=scale.probe_epochs, seed=seed, dense_batch_size=64, decoder_width=32, finest_stride=2,
-                        device="cuda" if torch.cuda.is_available() else "cpu")
     for subject in subjects:
         for task, protocol in EVALUATIONS:
             metrics = evaluate(subject, task, protocol, "scenes", train, test, probe, out)

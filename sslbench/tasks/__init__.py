@@ -10,7 +10,7 @@ from sslbench.tasks.base import FINETUNE, TRAINABLE_PARAMS, Task
 from sslbench.tasks.classification import ClassificationTask
 from sslbench.tasks.counting import CountingTask
 from sslbench.tasks.depth import DepthTask
-from sslbench.tasks.probe import CachedFeatures, ProbeConfig, extract_features
+from sslbench.tasks.probe import CachedFeatures, ProbeConfig, default_device, extract_features
 from sslbench.tasks.segmentation import SegmentationTask
 
 TASKS: dict[str, type[Task]] = {
@@ -26,6 +26,7 @@ __all__ = [
     "CountingTask",
     "DepthTask",
     "ProbeConfig",
+    "default_device",
     "SegmentationTask",
     "Task",
     "extract_features",

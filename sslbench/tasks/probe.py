@@ -28,6 +28,11 @@ ENCODER_LR_SCALE = 0.1
 scratch, while the pretrained weights should move gently or their pretraining is forgotten."""
 
 
+def default_device(requested: str | None = None) -> str:
+    """``requested``, or ``cuda`` when a GPU is present and ``cpu`` otherwise: every probe's default device."""
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @dataclass
 class ProbeConfig:
     """The budget every encoder gets on every task and protocol, so that scores are comparable.

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from sslbench.errors import ConfigError
 
@@ -299,6 +300,10 @@ def _augment(images: torch.Tensor, config: ViewConfig, generator: torch.Generato
     return x, grid
 
 
+VIEWS_RANGE = "sslbench.views"
+"""torch.profiler range of the batched augmentation of one step."""
+
+
 class ViewMaker:
     """Makes the views of a method from uint8 batches: a list of recipes, one view each.
 
@@ -311,13 +316,16 @@ class ViewMaker:
         self.views = views
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        out = [augment(images, view, generator) for view in self.views]
-        return [_channels_last(v) for v in out] if images.is_cuda else out
+        # A named range, so that a torch.profiler trace (benchmarks/profile_pretrain.py) shows the data path apart.
+        with record_function(VIEWS_RANGE):
+            out = [augment(images, view, generator) for view in self.views]
+            return [_channels_last(v) for v in out] if images.is_cuda else out
 
     def with_masks(self, images: torch.Tensor, masks: torch.Tensor,
                    generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The views (as ``__call__``) and each view's warped ``masks`` (B, size, size) (DetCon's segments)."""
-        pairs = [augment_with_masks(images, masks, view, generator) for view in self.views]
+        with record_function(VIEWS_RANGE):
+            pairs = [augment_with_masks(images, masks, view, generator) for view in self.views]
         views = [_channels_last(v) if images.is_cuda else v for v, _ in pairs]
         return views, [m for _, m in pairs]
 

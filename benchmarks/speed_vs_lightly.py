@@ -42,13 +42,18 @@ KNN_EPOCHS = (5, 10, 15)
 
 @dataclass
 class Settings:
-    """What both workers need to set up the same run."""
+    """What both workers need to set up the same run; sslbench's side runs ``method`` with ``recipe``
+    (a ``c10_mini.RECIPES`` entry) at ``precision``, and the encoders are reported after ``knn_at`` epochs."""
 
     data_root: Path
     epochs: int
     limit: int | None
     threads: int
     out: Path
+    method: str = "simclr"
+    recipe: dict[str, Any] = field(default_factory=lambda: RECIPES["simclr"])
+    precision: str = "32-true"
+    knn_at: tuple[int, ...] = KNN_EPOCHS
 
 
 @dataclass
@@ -88,8 +93,9 @@ def numpy_state(module: torch.nn.Module) -> dict[str, Any]:
     return {name: value.detach().numpy().copy() for name, value in module.state_dict().items()}
 
 
-def knn_epochs(epochs: int) -> list[int]:
-    return sorted({e for e in KNN_EPOCHS if e <= epochs} | {epochs})
+def knn_epochs(settings: Settings) -> list[int]:
+    """The epochs after which a worker sends its encoder: ``knn_at`` up to the last epoch, and the last."""
+    return sorted({e for e in settings.knn_at if e <= settings.epochs} | {settings.epochs})
 
 
 def training_images(settings: Settings):
@@ -151,14 +157,14 @@ class PeakRss:
 
 # --- workers -----------------------------------------------------------------------------------------
 def sslbench_worker(settings: Settings, conn) -> None:
-    """sslbench's own C10-mini SimCLR run (``c10_mini.RECIPES``), paused between epochs until the parent says go."""
+    """sslbench's own C10-mini run of ``settings.method`` (SimCLR unless told), paused between epochs until the parent says go."""
     from lightning.pytorch.callbacks import Callback
 
     from sslbench.engine import RunConfig, TrainingStats, pretrain
 
     torch.set_num_threads(settings.threads)
     images = training_images(settings).images
-    report_at = knn_epochs(settings.epochs)
+    report_at = knn_epochs(settings)
 
     class Turnstile(Callback):
         """Waits for the parent before the first epoch and after each epoch's report (outside the epoch timer)."""
@@ -174,10 +180,10 @@ def sslbench_worker(settings: Settings, conn) -> None:
             if epoch < settings.epochs:
                 conn.recv()
 
-    recipe = RECIPES["simclr"]
+    recipe = settings.recipe
     out = settings.out / "sslbench"
     shutil.rmtree(out, ignore_errors=True)
-    pretrain("simclr", images, RunConfig(out=out, accelerator="cpu", devices="1", precision="32-true", progress=False),
+    pretrain(settings.method, images, RunConfig(out=out, accelerator="cpu", devices="1", precision=settings.precision, progress=False),
              backbone=recipe["backbone"], options=recipe["options"],
              train={**recipe["train"], "epochs": settings.epochs, "seed": 0}, callbacks=[Turnstile()])
 
@@ -208,7 +214,7 @@ def lightly_worker(settings: Settings, conn) -> None:
 
     torch.set_num_threads(settings.threads)
     images = training_images(settings).images
-    report_at = knn_epochs(settings.epochs)
+    report_at = knn_epochs(settings)
     torch.manual_seed(0)
     encoder = build_encoder(RESNET)  # the engine builds the encoder first after torch.manual_seed(seed), too
     head = SimCLRProjectionHead(128, 512, 128)
@@ -243,19 +249,21 @@ WORKERS = {"sslbench": sslbench_worker, "lightly": lightly_worker}
 
 
 # --- parent ------------------------------------------------------------------------------------------
-def run_side_by_side(settings: Settings, evaluate) -> dict[str, LibraryRun]:
-    """Start both workers, alternate their epochs (A B, B A, ...), and collect timings, memory and kNN."""
+def run_side_by_side(settings: Settings, evaluate, workers: dict[str, Any] = WORKERS) -> dict[str, LibraryRun]:
+    """Start both ``workers`` (name -> ``worker(settings, conn)``), alternate their epochs (A B, B A, ...), and
+    collect timings, memory and kNN; ``evaluate(name, encoder_state)`` scores an encoder a worker sent."""
     context = multiprocessing.get_context("spawn")  # no threads or torch state leak from the parent
-    runs = {name: LibraryRun() for name in LIBRARIES}
+    libraries = tuple(workers)
+    runs = {name: LibraryRun() for name in libraries}
     pipes, processes = {}, {}
-    for name in LIBRARIES:
+    for name in libraries:
         pipes[name], child = context.Pipe()
-        processes[name] = context.Process(target=WORKERS[name], args=(settings, child), name=f"{name}-worker")
+        processes[name] = context.Process(target=workers[name], args=(settings, child), name=f"{name}-worker")
         processes[name].start()
         child.close()  # so that a crashed worker ends the parent's recv() with EOFError instead of a hang
     try:
         for epoch in range(1, settings.epochs + 1):
-            for name in LIBRARIES if epoch % 2 else LIBRARIES[::-1]:
+            for name in libraries if epoch % 2 else libraries[::-1]:
                 with PeakRss(processes[name].pid) as memory:
                     pipes[name].send("go")
                     report: EpochReport = pipes[name].recv()
@@ -267,7 +275,7 @@ def run_side_by_side(settings: Settings, evaluate) -> dict[str, LibraryRun]:
                 print(f"epoch {epoch} {name}: {report.seconds:.1f} s, {report.images / report.seconds:.0f} images/s, "
                       f"loss {report.loss:.4f}, peak RSS {memory.peak_mb:.0f} MB", flush=True)
                 if report.encoder_state is not None:
-                    run.knn_top1[epoch] = evaluate(report.encoder_state)
+                    run.knn_top1[epoch] = evaluate(name, report.encoder_state)
                     print(f"  kNN top-1 {run.knn_top1[epoch]:.4f}", flush=True)
         for process in processes.values():
             process.join()
@@ -345,7 +353,7 @@ def main() -> None:
     test = load_dataset("cifar10", args.data_root, "test", limit=args.limit)
     probe = ProbeConfig(seed=0, device="cpu", knn_k=200, knn_temperature=0.1)
 
-    def evaluate(state: dict[str, Any]) -> float:
+    def evaluate(library: str, state: dict[str, Any]) -> float:  # both libraries train the same RESNET
         encoder = build_encoder(RESNET)
         encoder.load_state_dict({name: torch.from_numpy(value) for name, value in state.items()})
         return ClassificationTask().evaluate(encoder, train, test, "knn", probe)["top1"]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sslbench.backbones.unet import UNET_PRESETS, UNet, UNetConfig, timestep_embedding, unet_config_dict
+from sslbench.backbones.unet import UNET_PRESETS, UNet, UNetConfig, attention, timestep_embedding, unet_config_dict
 from sslbench.errors import ConfigError
 
 
@@ -123,6 +123,26 @@ def test_gradients_through_in_place_ops_are_exact():
     unet = random_unet(config).double()
     x = torch.randn(1, 3, 2, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda inp: unet(inp, torch.tensor([7])), (x,), eps=1e-6, atol=1e-5)
+
+
+def test_attention_on_a_hand_computed_case_and_bf16_cpu_path_matches_the_fused_kernel():
+    # Two tokens, d = 4: q . k / 2 gives scores [[1, 0], [0, 0]], so token 0 weights the values e/(e+1), 1/(e+1).
+    q = torch.tensor([[[2.0, 0, 0, 0], [0, 0, 0, 0]]])
+    k = torch.tensor([[[1.0, 0, 0, 0], [0, 1, 0, 0]]])
+    v = torch.tensor([[[1.0, 0, 0, 0], [0, 1, 0, 0]]])
+    e = torch.e
+    expected = torch.tensor([[[e / (e + 1), 1 / (e + 1), 0, 0], [0.5, 0.5, 0, 0]]])
+    assert torch.allclose(attention(q, k, v), expected, atol=1e-6)
+    assert torch.allclose(attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float(), expected, atol=1e-2)
+    # The plain bf16 path (CPU) and the fused kernel on the same bf16 inputs agree to bf16 precision, with gradients.
+    q, k, v = (torch.randn(3, 64, 32, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    plain = attention(q, k, v)
+    fused = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+    assert plain.dtype == torch.bfloat16 and torch.allclose(plain.float(), fused.float(), atol=2e-2)
+    grads = torch.autograd.grad(plain.float().square().sum(), (q, k, v))
+    fused_grads = torch.autograd.grad(fused.float().square().sum(), (q, k, v))
+    for got, want in zip(grads, fused_grads):
+        assert torch.allclose(got.float(), want.float(), atol=5e-2, rtol=5e-2)
 
 
 def test_timestep_embedding_is_sinusoidal():

@@ -1,0 +1,139 @@
+"""benchmarks/ddae_vs_diffusers.py: the two U-Nets match, diffusers' blocks are read like sslbench's, and both
+training workers run one epoch through the parent's pipe protocol."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sslbench.backbones.unet import UNET_PRESETS, UNet
+from sslbench.data import ImageSet
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("ddae_vs_diffusers", BENCHMARKS / "ddae_vs_diffusers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakePipe:
+    """The worker's end of the parent's pipe: every recv() says go, every send() is kept."""
+
+    def __init__(self):
+        self.sent = []
+
+    def recv(self) -> str:
+        return "go"
+
+    def send(self, item) -> None:
+        self.sent.append(item)
+
+
+def test_diffusers_unet_has_the_small_presets_size_and_block_shapes(bench):
+    ours = UNet(UNET_PRESETS["small"])
+    theirs = bench.diffusers_unet()
+    assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters()) == 1_113_955
+    readout = bench.DiffusersReadout(theirs.eval(), t=11)
+    with torch.no_grad():
+        blocks = readout.read_blocks(torch.rand(2, 3, 32, 32), list(bench.BLOCKS))
+    for name in bench.BLOCKS:
+        stride = ours.block_stride(name)
+        assert readout.unet.block_stride(name) == stride
+        assert blocks[name].shape == (2, ours.block_channels(name), 32 // stride, 32 // stride)
+    assert all(not module._forward_hooks for module in theirs.modules())  # the hooks are gone after the read
+
+
+def test_diffusers_readout_noises_like_sslbench(bench):
+    """At t = 51 the hooked model sees sqrt(abar[50]) x + sqrt(1 - abar[50]) eps with eps from a generator seeded 0,
+    at timestep 50: the input sslbench's own readout gives its U-Net."""
+    torch.manual_seed(0)
+    model = bench.diffusers_unet().eval()
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        read = bench.DiffusersReadout(model, t=51).read_blocks(images, ["mid"])["mid"]
+        x = images * 2 - 1
+        abar = bench.DDPMSchedule().alphas_cumprod[50]
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        seen = {}
+        handle = model.mid_block.register_forward_hook(lambda module, inputs, output: seen.setdefault("mid", output))
+        model(abar.sqrt() * x + (1 - abar).sqrt() * noise, torch.full((3,), 50))
+        handle.remove()
+    torch.testing.assert_close(read, seen["mid"])
+    with torch.no_grad():
+        other_seed = bench.DiffusersReadout(model, t=51, noise_seed=1).read_blocks(images, ["mid"])["mid"]
+    assert not torch.allclose(other_seed, read)
+
+
+def test_readout_encoder_loads_the_state_a_worker_sends(bench):
+    torch.manual_seed(3)
+    trained = bench.diffusers_unet()
+    state = {name: value.numpy().copy() for name, value in trained.state_dict().items()}
+    loaded = bench.readout_encoder("diffusers", state)
+    assert torch.equal(loaded.unet.model.conv_in.weight, trained.conv_in.weight)
+    assert not loaded.training
+    random_init = bench.readout_encoder("diffusers", None)
+    assert not torch.equal(random_init.unet.model.conv_in.weight, trained.conv_in.weight)
+
+
+@pytest.fixture
+def tiny_images(bench, monkeypatch):
+    """128 random uint8 images (one batch) instead of CIFAR-10, for both workers."""
+    images = ImageSet(name="cifar10", images=torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8),
+                      targets={"class": torch.arange(128) % 10}, num_classes={"class": 10})
+    speed_vs_lightly = sys.modules["speed_vs_lightly"]
+    monkeypatch.setattr(bench, "training_images", lambda settings: images)
+    monkeypatch.setattr(speed_vs_lightly, "training_images", lambda settings: images)
+    return images
+
+
+def _settings(bench, tmp_path, precision: str):
+    return bench.SideBySideSettings(tmp_path, 1, 128, 1, tmp_path / "runs", method="ddae", recipe=bench.RECIPE,
+                                    precision=precision, knn_at=(), diffusers_precision=precision)
+
+
+def test_diffusers_worker_trains_an_epoch_and_sends_the_ema_weights(bench, tiny_images, tmp_path):
+    pipe = FakePipe()
+    bench.diffusers_worker(_settings(bench, tmp_path, "bf16-mixed"), pipe)
+    (report,) = pipe.sent
+    assert report.images == 128 and report.seconds > 0
+    assert 0.5 < report.loss < 1.5  # one step from init: the MSE of a near-zero noise prediction, about E[eps^2] = 1
+    expected = bench.diffusers_unet().state_dict()
+    assert set(report.encoder_state) == set(expected)
+    assert all(isinstance(value, np.ndarray) for value in report.encoder_state.values())
+
+
+def test_sslbench_worker_runs_ddae_with_the_settings_recipe_and_precision(bench, tiny_images, tmp_path, monkeypatch):
+    import sslbench.engine
+
+    runs = []
+    real_pretrain = sslbench.engine.pretrain
+
+    def recording_pretrain(method, images, run, **kwargs):
+        runs.append(run)
+        return real_pretrain(method, images, run, **kwargs)
+
+    monkeypatch.setattr(sslbench.engine, "pretrain", recording_pretrain)
+    pipe = FakePipe()
+    bench.sslbench_worker(_settings(bench, tmp_path, "bf16-mixed"), pipe)
+    assert [run.precision for run in runs] == ["bf16-mixed"]
+    (report,) = pipe.sent
+    assert report.images == 128 and 0.5 < report.loss < 1.5
+    encoder = bench.readout_encoder("sslbench", report.encoder_state)
+    assert encoder.unet.config == UNET_PRESETS["small"]
+    meta = (tmp_path / "runs" / "sslbench" / "encoder.json").read_text()
+    assert '"method": "ddae"' in meta and '"lr": 0.0002' in meta
+
+
+def test_knn_epochs_follow_the_settings(bench, tmp_path):
+    speed_vs_lightly = sys.modules["speed_vs_lightly"]
+    simclr = speed_vs_lightly.Settings(tmp_path, 12, None, 1, tmp_path)
+    assert speed_vs_lightly.knn_epochs(simclr) == [5, 10, 12]
+    assert speed_vs_lightly.knn_epochs(_settings(bench, tmp_path, "32-true")) == [1]

@@ -10,6 +10,9 @@ With ``--linear`` each method (and each random-init floor) also gets a linear pr
 1e-3, batch 256, ``--linear-epochs`` epochs), trained on the pretraining images and scored on the test images.
 
     python benchmarks/c10_mini.py --data-root DIR [--methods simclr ddae] [--epochs 15] [--linear] [--json FILE]
+    python benchmarks/c10_mini.py --data-root DIR --methods moco --set lr=0.06 --set queue_size=1024  # a recipe sweep
+
+``--set KEY=VALUE`` changes the recipe of every method run: a training setting (``TrainConfig``) or a method option.
 
 ``--limit N`` (pretrain and kNN memory on the first N training images, queries the first N test images) is a
 smoke test, NOT the protocol: the report then says so in its ``protocol`` field.
@@ -20,6 +23,7 @@ DIR holds ``cifar-10-batches-py/`` (``python ../shared/data/materialize.py DIR c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shutil
@@ -156,6 +160,20 @@ def linear_top1(encoder: Encoder, train: ImageSet, test: ImageSet, probe: ProbeC
     return ClassificationTask().evaluate(encoder, train, test, "linear", probe)["top1"]
 
 
+def split_overrides(pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``KEY=VALUE`` strings -> (training settings, method options); the engine type-checks both."""
+    from sslbench.methods import TrainConfig
+
+    train_keys = {field.name for field in dataclasses.fields(TrainConfig)}
+    train, options = {}, {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair!r}: write KEY=VALUE, e.g. --set lr=0.1")
+        (train if key in train_keys else options)[key] = value
+    return train, options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", required=True, type=Path)
@@ -170,7 +188,10 @@ def main() -> None:
     parser.add_argument("--linear-epochs", type=int, default=ProbeConfig.epochs)
     parser.add_argument("--limit", type=int, default=None,
                         help="Smoke test, not the protocol: first N training and first N test images only.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Change the recipe: a training setting (lr, warmup_epochs, ...) or a method option.")
     args = parser.parse_args()
+    train_overrides, option_overrides = split_overrides(args.overrides)
     largest_batch = max(RECIPES[method]["train"]["batch_size"] for method in args.methods)
     if args.limit is not None and args.limit < largest_batch:
         parser.error(f"--limit {args.limit} leaves no full batch of {largest_batch} (batches drop the last partial one); "
@@ -196,6 +217,7 @@ def main() -> None:
     print(json.dumps(report["floors"], indent=1), flush=True)
     for method in args.methods:
         recipe = RECIPES[method]
+        recipe = {**recipe, "options": {**recipe["options"], **option_overrides}, "train": {**recipe["train"], **train_overrides}}
         monitor = KnnAtEpochs(sorted({e for e in (5, 10, 15) if e <= args.epochs} | {args.epochs}), train, test, probe)
         out = args.out / method
         shutil.rmtree(out, ignore_errors=True)

@@ -319,18 +319,20 @@ class ViewMaker:
         # A named range, so that a torch.profiler trace (benchmarks/profile_pretrain.py) shows the data path apart.
         with record_function(VIEWS_RANGE):
             out = [augment(images, view, generator) for view in self.views]
-            return [_channels_last(v) for v in out] if images.is_cuda else out
+            return [_channels_last(v) for v in out]
 
     def with_masks(self, images: torch.Tensor, masks: torch.Tensor,
                    generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The views (as ``__call__``) and each view's warped ``masks`` (B, size, size) (DetCon's segments)."""
         with record_function(VIEWS_RANGE):
             pairs = [augment_with_masks(images, masks, view, generator) for view in self.views]
-        views = [_channels_last(v) if images.is_cuda else v for v, _ in pairs]
+        views = [_channels_last(v) for v, _ in pairs]
         return views, [m for _, m in pairs]
 
 
 def _channels_last(view: torch.Tensor) -> torch.Tensor:
+    """Views leave in channels_last, the layout of the convnet methods' models (``Method.channels_last``), so the
+    first convolution does not convert them; a model kept contiguous reads them just as well."""
     return view.contiguous(memory_format=torch.channels_last)
 
 

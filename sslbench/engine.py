@@ -1,6 +1,7 @@
 """The training engine: Lightning Trainer set-up, the uint8 batch loader, checkpoints and export.
 
-CPU or GPU is chosen automatically. On a GPU the run uses bf16 autocast and channels_last; several
+CPU or GPU is chosen automatically. On a GPU the run uses bf16 autocast; convnet methods run in channels_last
+on both (oneDNN's CPU convolutions are about 1.6x faster in it for the CIFAR ResNet, same fp32 arithmetic); several
 GPUs or nodes use Lightning's DDP/FSDP strategies unchanged (``strategy``/``devices``/``num_nodes``).
 Checkpoints are written atomically (temporary file, then rename), so a killed run never leaves a
 truncated ``last.ckpt``; ``resume=True`` continues from it with the same optimiser, schedule, epoch
@@ -258,7 +259,7 @@ def pretrain(method_name: str, images: torch.Tensor, run: RunConfig, backbone: d
     module = cls(backbone, method_options, train_config, image_size, len(dataset))
     if not run.resume:  # on resume the checkpoint restores this state; recomputing it could differ
         module.initialise_from_data(images, torch.Generator().manual_seed(train_config.seed))
-    if cuda_available(run.accelerator) and cls.channels_last:
+    if cls.channels_last:
         module = module.to(memory_format=torch.channels_last)
     run.out.mkdir(parents=True, exist_ok=True)
     if run.compile:

@@ -68,7 +68,7 @@ class PretrainMethod(L.LightningModule):
     train_defaults: ClassVar[dict[str, Any]] = {}
     default_backbone: ClassVar[dict[str, Any]] = {"backbone": "resnet18", "width": 1.0}
     channels_last: ClassVar[bool] = True
-    """Whether the engine puts the model in channels_last on GPU (fast for BatchNorm convnets, slow for GroupNorm)."""
+    """Whether the engine puts the model in channels_last, on CPU and GPU alike (fast for BatchNorm convnets, slow for GroupNorm)."""
     needs_masks: ClassVar[bool] = False
     """Whether batches carry per-image segment masks (DetCon): the engine then gets them once from
     ``dataset_masks``, batches ``(images, masks)`` together and calls ``masked_training_loss``."""

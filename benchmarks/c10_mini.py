@@ -134,6 +134,14 @@ class KnnAtEpochs(Callback):
             print(f"  epoch {epoch}: kNN top-1 {self.scores[epoch]:.4f}", flush=True)
 
 
+def cpu_model() -> str:
+    """The CPU's model name for result files (``/proc/cpuinfo`` on Linux; ``platform`` elsewhere, which is vaguer)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine())
+
+
 def raw_pixel_knn(train, test, probe: ProbeConfig) -> float:
     flat = lambda images: F.normalize(images.float().div(127.5).sub(1).flatten(1), dim=1)  # noqa: E731
     pred = knn_predict(flat(train.images), train.targets["class"], flat(test.images), 10, probe.knn_k, probe.knn_temperature)
@@ -206,7 +214,7 @@ def main() -> None:
     if args.limit is not None:
         print(f"WARNING: {protocol}", flush=True)
     report: dict = {"protocol": protocol, "command": "python " + " ".join(sys.argv),
-                    "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads, "
+                    "machine": f"{cpu_model()}, {args.threads} threads, "
                                f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}",
                     "versions": f"sslbench {sslbench.__version__}, torch {torch.__version__}, lightning {lightning.__version__}",
                     "precision": args.precision, "date": str(date.today()), "floors": {}, "methods": {}}

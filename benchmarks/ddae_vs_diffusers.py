@@ -49,7 +49,7 @@ from sslbench.methods.ddae import DDAEOptions, ddpm_loss
 from sslbench.tasks import ProbeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from c10_mini import raw_pixel_knn  # noqa: E402  (benchmarks/ is a folder of scripts)
+from c10_mini import cpu_model, raw_pixel_knn  # noqa: E402  (benchmarks/ is a folder of scripts)
 from speed_vs_lightly import EpochReport, Settings, numpy_state, run_side_by_side, sslbench_worker, training_images  # noqa: E402
 
 LIBRARIES = ("sslbench", "diffusers")
@@ -297,8 +297,7 @@ def main() -> None:
         return readouts[name].best.top1
 
     runs = run_side_by_side(settings, evaluate, WORKERS)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
+    cpu = cpu_model()
     protocol = "C10-mini DDAE" if args.limit is None and args.queries is None and args.epochs == 3 else (
         f"Smoke run, not the protocol: {args.epochs} epoch(s), {len(train)} training images, {len(test)} test queries")
     report: dict[str, Any] = {

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from c10_mini import RECIPES, RESNET, raw_pixel_knn  # noqa: E402  (benchmarks/ is a folder of scripts)
+from c10_mini import RECIPES, RESNET, cpu_model, raw_pixel_knn  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 LIBRARIES = ("sslbench", "lightly")
 KNN_EPOCHS = (5, 10, 15)
@@ -294,8 +294,7 @@ def markdown_report(runs: dict[str, LibraryRun], floors: dict[str, float], setti
 
     ours, theirs = runs["sslbench"], runs["lightly"]
     protocol = settings.epochs == 15 and settings.limit is None
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
+    cpu = cpu_model()
     lines = [
         "# SimCLR speed: sslbench vs lightly (C10-mini, ../shared/BENCHMARKS.md)", "",
         *([] if protocol else [f"**Smoke run, not the protocol**: {settings.epochs} epoch(s), "

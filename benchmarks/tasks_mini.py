@@ -25,7 +25,6 @@ DIR holds ``oxford-iiit-pet/`` and ``CLEVR_v1.0/`` (``python ../shared/data/mate
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -41,6 +40,9 @@ from sslbench.evaluation import EncoderUnderTest, checkpoint_subject, evaluate, 
 from sslbench.results import load_rows, results_path
 from sslbench.tasks import ProbeConfig
 from sslbench.tasks.probe import ENCODER_LR_SCALE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from c10_mini import cpu_model  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 PET_SIZE = 128
 PET_TEST_EVERY = 5
@@ -139,7 +141,7 @@ def report(rows: list[dict], subjects: list[EncoderUnderTest], args: argparse.Na
     lines = [
         "# Task suite mini (`../shared/BENCHMARKS.md`): pretrained vs random init on the downstream tasks", "",
         f"- Command: `{' '.join(sys.argv)}`",
-        f"- Date: {date.today()}. Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+        f"- Date: {date.today()}. Machine: {cpu_model()}, {torch.get_num_threads()} threads; "
         f"torch {torch.__version__}, lightning {lightning.__version__}, sslbench {sslbench.__version__}.",
         f"- Encoders: `{args.encoder}` (method {methods[0]}, {subjects[0].epochs} epochs) and the same backbone at random "
         f"init (seed 0). Probe seeds: {', '.join(map(str, args.seeds))}; fine-tuning seeds: "

@@ -25,6 +25,7 @@ DIR holds ``oxford-iiit-pet/`` and ``CLEVR_v1.0/`` (``python ../shared/data/mate
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -37,7 +38,7 @@ import torch
 import sslbench
 from sslbench.data import ImageSet, load_dataset
 from sslbench.evaluation import EncoderUnderTest, checkpoint_subject, evaluate, random_subject
-from sslbench.results import load_rows, results_path
+from sslbench.results import HEADLINE_METRIC, format_cell, load_rows, results_path
 from sslbench.tasks import ProbeConfig
 from sslbench.tasks.probe import ENCODER_LR_SCALE
 
@@ -48,7 +49,7 @@ PET_SIZE = 128
 PET_TEST_EVERY = 5
 SWEEP_ENCODER_LRS = (1e-5, 1e-3)
 """Encoder learning rates tried, on the pretrained encoder, when fine-tuning loses to the probe (the default is
-ENCODER_LR_SCALE x 1e-3 = 1e-4): one step of 10x down and up each, which shows the direction to move in."""
+ENCODER_LR_SCALE x the head's 1e-3 = 1e-4): one step of 10x down and up each, which shows the direction to move in."""
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,6 @@ def run_cell(section: Section, subject: EncoderUnderTest, protocol: str, seed: i
     done.add(cell)
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def cell_values(rows: list[dict], dataset: str, method: str, protocol: str, metric: str,
                 encoder_lr: float | None = None) -> list[float]:
     return [row["value"] for row in rows
@@ -124,16 +121,10 @@ def cell_values(rows: list[dict], dataset: str, method: str, protocol: str, metr
             and ("|encoder_lr=" in row["cell"]) == (encoder_lr is not None)]
 
 
-def fmt(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    spread = (sum((v - mean(values)) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean(values):.3f} ± {spread:.3f}"
-
-
-METRICS = {"segmentation": ("miou", "mIoU ↑"), "counting": ("accuracy", "accuracy ↑"), "depth": ("rmse", "RMSE ↓")}
+def metric_label(task: str) -> tuple[str, str]:
+    """The task's headline metric and its column label (``rmse ↓``), as the library's tables name them."""
+    metric, lower_is_better = HEADLINE_METRIC[task]
+    return metric, f"{metric} {'↓' if lower_is_better else '↑'}"
 
 
 def report(rows: list[dict], subjects: list[EncoderUnderTest], args: argparse.Namespace, seconds: float) -> str:
@@ -146,25 +137,26 @@ def report(rows: list[dict], subjects: list[EncoderUnderTest], args: argparse.Na
         f"- Encoders: `{args.encoder}` (method {methods[0]}, {subjects[0].epochs} epochs) and the same backbone at random "
         f"init (seed 0). Probe seeds: {', '.join(map(str, args.seeds))}; fine-tuning seeds: "
         f"{', '.join(map(str, args.finetune_seeds))} (mean ± sample std where there are several).",
-        f"- Probe budget: {args.probe_epochs} epochs, AdamW lr 1e-3 (head), wd 1e-4; fine-tuning trains the encoder at "
+        f"- Probe budget: {args.probe_epochs} epochs, AdamW lr {ProbeConfig.lr:g} (head), wd {ProbeConfig.weight_decay:g}; "
+        f"fine-tuning trains the encoder at "
         f"{ENCODER_LR_SCALE} x the head's lr unless a row says otherwise. Dense heads: width 32, maps of stride >= 2.",
         f"- Wall time of this invocation: {seconds:.0f} s (cells already in the results were skipped).",
         f"- Rows: `{results_path(args.out)}`.", "",
     ]
     for section in sections(args.probe_epochs):
-        metric, label = METRICS[section.task]
+        metric, label = metric_label(section.task)
         lines += [f"## {section.name}", "", "| encoder | " + " | ".join(f"{p} {label}" for p in section.protocols) + " |",
                   "|---|" + "---|" * len(section.protocols)]
         for method in methods:
-            lines.append(f"| {method} | " + " | ".join(fmt(cell_values(rows, section.dataset, method, p, metric))
+            lines.append(f"| {method} | " + " | ".join(format_cell(cell_values(rows, section.dataset, method, p, metric))
                                                        for p in section.protocols) + " |")
         sweep = sorted({row["encoder_lr"] for row in rows if row["dataset"] == section.dataset and "|encoder_lr=" in row["cell"]})
         if sweep:
-            lines += ["", f"Fine-tuning, encoder learning-rate sweep ({metric}; the head stays at 1e-3):", "",
+            lines += ["", f"Fine-tuning, encoder learning-rate sweep ({metric}; the head stays at {section.probe.lr:g}):", "",
                       "| encoder | " + " | ".join(f"{lr:g}" for lr in sweep) + " | |", "|---|" + "---|" * (len(sweep) + 1)]
-            default = fmt(cell_values(rows, section.dataset, methods[0], "finetune", metric))
-            lines.append(f"| {methods[0]} | " + " | ".join(fmt(cell_values(rows, section.dataset, methods[0], "finetune", metric, lr))
-                                                           for lr in sweep) + f" | (default {ENCODER_LR_SCALE * 1e-3:g}: {default}) |")
+            default = format_cell(cell_values(rows, section.dataset, methods[0], "finetune", metric))
+            lines.append(f"| {methods[0]} | " + " | ".join(format_cell(cell_values(rows, section.dataset, methods[0], "finetune", metric, lr))
+                                                           for lr in sweep) + f" | (default {section.probe.encoder_learning_rate:g}: {default}) |")
         lines.append("")
     return "\n".join(lines)
 
@@ -196,10 +188,10 @@ def main() -> None:
                     run_cell(section, subject, protocol, seed, None, splits, args.out, done)
         if "finetune" in section.protocols:
             rows = load_rows(args.out)
-            metric = METRICS[section.task][0]
+            metric = HEADLINE_METRIC[section.task][0]
             tuned = cell_values(rows, section.dataset, pretrained.method, "finetune", metric)
             probed = cell_values(rows, section.dataset, pretrained.method, "probe", metric)
-            if mean(tuned) <= mean(probed):
+            if statistics.fmean(tuned) <= statistics.fmean(probed):
                 for encoder_lr in SWEEP_ENCODER_LRS:
                     run_cell(section, pretrained, "finetune", args.finetune_seeds[0], encoder_lr, splits, args.out, done)
     args.report.parent.mkdir(parents=True, exist_ok=True)

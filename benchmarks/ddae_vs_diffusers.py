@@ -45,7 +45,7 @@ from torch import nn
 from sslbench.backbones import backbone_spec, build_encoder
 from sslbench.backbones.diffusion import DDPMSchedule, DiffusionEncoder
 from sslbench.diffusion_study import StudyCell, run_study
-from sslbench.methods.ddae import DDAEOptions, ddpm_loss
+from sslbench.methods.ddae import DDAEOptions, ddpm_loss, random_hflip
 from sslbench.tasks import ProbeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,8 +113,7 @@ def diffusers_worker(settings: SideBySideSettings, conn) -> None:
         start, seen, loss_sum = time.perf_counter(), 0, 0.0
         for index in range(len(batches)):
             x = batches[index].float() / 127.5 - 1.0
-            flip = torch.rand(len(x), generator=generator) < 0.5  # DDAE's horizontal flip
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            x = random_hflip(x, generator)
             with autocast(settings.diffusers_precision):
                 loss = ddpm_loss(predict_noise, schedule, x, generator)
             optimizer.zero_grad()
@@ -297,12 +296,11 @@ def main() -> None:
         return readouts[name].best.top1
 
     runs = run_side_by_side(settings, evaluate, WORKERS)
-    cpu = cpu_model()
     protocol = "C10-mini DDAE" if args.limit is None and args.queries is None and args.epochs == 3 else (
         f"Smoke run, not the protocol: {args.epochs} epoch(s), {len(train)} training images, {len(test)} test queries")
     report: dict[str, Any] = {
         "protocol": protocol, "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "machine": f"{cpu}, {os.cpu_count()} cores visible, {args.threads} torch threads per side",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores visible, {args.threads} torch threads per side",
         "versions": f"sslbench {sslbench.__version__}, diffusers {diffusers.__version__}, torch {torch.__version__}, "
                     f"lightning {lightning.__version__}, Python {platform.python_version()}",
         "date": str(date.today()), "bank": len(train), "queries": len(test),

@@ -222,10 +222,12 @@ def lightly_worker(settings: Settings, conn) -> None:
     # normalize=None: the shared encoder applies the same ImageNet mean/std itself (the Encoder contract takes
     # [0, 1] images), so normalising per image here too would normalise twice.
     transform = SimCLRTransform(input_size=int(images.shape[-1]), gaussian_blur=0.0, normalize=None)
-    loader = torch.utils.data.DataLoader(PilImages(images, transform), batch_size=256, shuffle=True, drop_last=True,
-                                         num_workers=2, persistent_workers=True, generator=torch.Generator().manual_seed(0))
+    train = settings.recipe["train"]  # the protocol's SGD settings, the very ones sslbench's worker runs with
+    loader = torch.utils.data.DataLoader(PilImages(images, transform), batch_size=train["batch_size"], shuffle=True,
+                                         drop_last=True, num_workers=2, persistent_workers=True,
+                                         generator=torch.Generator().manual_seed(0))
     params = [*encoder.parameters(), *head.parameters()]
-    optimizer = torch.optim.SGD(params, lr=0.06, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(params, lr=train["lr"], momentum=train["momentum"], weight_decay=train["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * len(loader))
     encoder.train()
     head.train()
@@ -294,12 +296,11 @@ def markdown_report(runs: dict[str, LibraryRun], floors: dict[str, float], setti
 
     ours, theirs = runs["sslbench"], runs["lightly"]
     protocol = settings.epochs == 15 and settings.limit is None
-    cpu = cpu_model()
     lines = [
         "# SimCLR speed: sslbench vs lightly (C10-mini, ../shared/BENCHMARKS.md)", "",
         *([] if protocol else [f"**Smoke run, not the protocol**: {settings.epochs} epoch(s), "
                                f"{settings.limit or 10_000} training images, {settings.limit or 10_000} test queries.", ""]),
-        f"- Machine: {cpu}, {os.cpu_count()} cores visible, {settings.threads} torch threads per library.",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores visible, {settings.threads} torch threads per library.",
         f"- Versions: sslbench {sslbench.__version__}, lightly {lightly.__version__}, torch {torch.__version__}, "
         f"lightning {lightning.__version__}, Python {platform.python_version()}.",
         f"- Date: {date.today()}. Command: `{command}`",

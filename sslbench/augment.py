@@ -326,8 +326,7 @@ class ViewMaker:
         """The views (as ``__call__``) and each view's warped ``masks`` (B, size, size) (DetCon's segments)."""
         with record_function(VIEWS_RANGE):
             pairs = [augment_with_masks(images, masks, view, generator) for view in self.views]
-        views = [_channels_last(v) for v, _ in pairs]
-        return views, [m for _, m in pairs]
+            return [_channels_last(v) for v, _ in pairs], [m for _, m in pairs]
 
 
 def _channels_last(view: torch.Tensor) -> torch.Tensor:

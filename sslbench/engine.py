@@ -1,7 +1,7 @@
 """The training engine: Lightning Trainer set-up, the uint8 batch loader, checkpoints and export.
 
 CPU or GPU is chosen automatically. On a GPU the run uses bf16 autocast; convnet methods run in channels_last
-on both (oneDNN's CPU convolutions are about 1.6x faster in it for the CIFAR ResNet, same fp32 arithmetic); several
+on both (a CIFAR ResNet's fp32 training step is 1.4x faster in it on the CPU, ``benchmarks/cpu_step_layouts.py``); several
 GPUs or nodes use Lightning's DDP/FSDP strategies unchanged (``strategy``/``devices``/``num_nodes``).
 Checkpoints are written atomically (temporary file, then rename), so a killed run never leaves a
 truncated ``last.ckpt``; ``resume=True`` continues from it with the same optimiser, schedule, epoch

@@ -19,6 +19,13 @@ from sslbench.methods.base import PretrainMethod
 from sslbench.methods.parts import ema_update, frozen_copy
 
 
+def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image mirrored left-right with probability 1/2 (DDPM's and DDAE's only data augmentation); the
+    draw comes from the CPU ``generator``, so it is the same on every device."""
+    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
 def ddpm_loss(unet: nn.Module, schedule: DDPMSchedule, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The DDPM "simple" loss (Ho et al. 2020, eq. 14): ``E_{t, eps} || eps - eps_theta(x_t, t) ||^2``.
 
@@ -84,8 +91,7 @@ class DDAE(PretrainMethod):
         x = images.float() / 127.5 - 1.0
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         if self.options.hflip:
-            flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            x = random_hflip(x, generator)
         device_generator = torch.Generator(device=x.device).manual_seed(seed)
         return self.diffusion_loss(x, device_generator), {}
 

@@ -2,7 +2,7 @@
 each memory layout and precision, on the CPU: NCHW vs channels_last, fp32 vs bf16 autocast.
 
 Why: the engine picks the layout and precision for users, and on CPUs the choice is worth more than any change to
-the data path (``benchmarks/profile_pretrain.py``: convolutions and BatchNorm are ~80% of a step). Forward, a
+the data path (``benchmarks/profile_pretrain.py``: convolutions, BatchNorm and ReLU are ~80% of a step). Forward, a
 scalar loss on the pooled features, backward and an SGD step; the first two steps are warm-up.
 
     python benchmarks/cpu_step_layouts.py [--threads 2] [--steps 4]

@@ -66,7 +66,7 @@ RECIPES = {
     # MoCo v2+ (solo-learn mocov2plus.yaml, which uses plain SGD): lr 0.3, wd 1e-4, T 0.2, head 2048-256, key
     # momentum 0.99 (solo-learn 0.99 -> 0.999; constant here). Queue 4096 instead of 32768: the queue must stay
     # well below the 10,000 training images, or every image's own older keys fill it as false negatives.
-    "moco": dict(backbone=RESNET, options={"queue_size": 4096, "temperature": 0.2, "momentum": 0.99,
+    "moco": dict(backbone=RESNET, options={"queue_size": 4096, "temperature": 0.2, "key_momentum": 0.99,
                                            "projection_hidden": 2048, "projection_dim": 256},
                  train={**SGD, "lr": 0.3, "weight_decay": 1e-4}),
     # BYOL (solo-learn byol.yaml): head 4096-256, predictor 4096, target momentum 0.99 -> 1 (cosine), asymmetric

@@ -22,6 +22,7 @@ from sslbench.backbones import Encoder, build_encoder
 from sslbench.config import check_range
 from sslbench.engine import split_batch
 from sslbench.errors import ConfigError, TrainingError
+from sslbench.optim import LARS
 
 
 @dataclass
@@ -46,8 +47,8 @@ class TrainConfig:
         check_range("warmup_epochs", self.warmup_epochs, 0.0)
         if not all(0.0 <= beta < 1.0 for beta in self.betas):
             raise ConfigError(f"option betas={self.betas} is out of range; use two values in [0, 1), e.g. betas=0.9,0.95")
-        if self.optimizer not in ("sgd", "adamw", "adam"):
-            raise ConfigError(f"option optimizer={self.optimizer!r} is not allowed; use one of sgd, adamw, adam")
+        if self.optimizer not in ("sgd", "lars", "adamw", "adam"):
+            raise ConfigError(f"option optimizer={self.optimizer!r} is not allowed; use one of sgd, lars, adamw, adam")
 
 
 def simclr_view(size: int) -> ViewConfig:
@@ -171,19 +172,22 @@ class PretrainMethod(L.LightningModule):
         self.after_optimizer_step()
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Weight decay on weights only: biases and normalisation parameters are excluded (standard)."""
+        """Weight decay on weights only: biases and normalisation parameters are excluded (standard), and LARS does
+        not adapt their step either (BYOL, SimCLR, solo-learn's ``exclude_bias_n_norm``)."""
         decay, no_decay = [], []
         for param in self.parameters():
             if not param.requires_grad:
                 continue
             (no_decay if param.ndim <= 1 else decay).append(param)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_adapt": False}]
 
     def configure_optimizers(self) -> Any:
         cfg = self.train_config
         groups = self.parameter_groups()
         if cfg.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "lars":
+            optimizer = LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         elif cfg.optimizer == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         else:

@@ -46,7 +46,7 @@ def infonce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, te
 class MoCoOptions:
     temperature: float = 0.2
     queue_size: int = 4096
-    momentum: float = 0.99
+    key_momentum: float = 0.99
     projection_hidden: int = 2048
     projection_dim: int = 128
 
@@ -80,5 +80,5 @@ class MoCo(PretrainMethod):
         return loss, {}
 
     def after_optimizer_step(self) -> None:
-        ema_update(self.key_encoder, self.encoder, self.options.momentum)
-        ema_update(self.key_projection, self.projection, self.options.momentum)
+        ema_update(self.key_encoder, self.encoder, self.options.key_momentum)
+        ema_update(self.key_projection, self.projection, self.options.key_momentum)

@@ -17,3 +17,10 @@ def test_byol_loss_is_two_minus_two_cosine():
 def test_byol_training_lowers_the_loss(train_and_reload):
     losses = train_and_reload("byol", 3, {"projection_hidden": 256, "prediction_hidden": 256, "projection_dim": 64})
     assert losses[-1] < losses[0] - 0.2
+
+
+def test_byol_trains_with_lars(train_and_reload):
+    # solo-learn's BYOL recipe: LARS at lr 1.0 (plain SGD at that lr diverges).
+    losses = train_and_reload("byol", 3, {"projection_hidden": 256, "prediction_hidden": 256, "projection_dim": 64},
+                              optimizer="lars", lr=1.0)
+    assert losses[-1] < losses[0] - 0.2

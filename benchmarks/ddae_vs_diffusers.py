@@ -2,7 +2,8 @@
 
 Both sides train the same network, built after the same seed: 32/64/64 channels, one ResBlock per encoder level and
 two per decoder level, single-head self-attention at the 8x8 level and in the middle block, GroupNorm 32, 1,113,955
-parameters. sslbench runs its own training path (``sslbench.engine.pretrain``, method ``ddae``, backbone
+parameters, every layer at PyTorch's default initialisation (sslbench's ``init="pytorch"``; its presets' DDPM
+initialisation, with zeroed residual branches, learns more slowly in a 3-epoch run and read out 4 points lower here). sslbench runs its own training path (``sslbench.engine.pretrain``, method ``ddae``, backbone
 ``unet-small``); diffusers runs the plain loop its users write (``UNet2DModel``, ``EMAModel``). Both: CIFAR-10 training
 images 0..9999 as uint8 in memory, the engine's batch order (``ShuffledBatches``), DDAE's horizontal flip (p 0.5), the
 DDPM eps-prediction loss with T = 1000 linear betas (``sslbench.methods.ddae.ddpm_loss``: same timestep and noise
@@ -57,7 +58,8 @@ LEVELS = (11, 51, 101)
 BLOCKS = ("mid", "up1.1")
 DIFFUSERS_BLOCKS = {"mid": ("mid_block", 4), "up1.1": ("up_blocks.1.resnets.1", 2)}
 """sslbench block name -> (the diffusers module with the same output, its stride)."""
-RECIPE = dict(backbone=backbone_spec("unet-small"), options={"readout_t": LEVELS[0], "readout_block": "mid"},
+SMALL = backbone_spec("unet-small")
+RECIPE = dict(backbone={**SMALL, "unet": {**SMALL["unet"], "init": "pytorch"}}, options={"readout_t": LEVELS[0], "readout_block": "mid"},
               train={"batch_size": 128, "optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0})
 """sslbench's side; the diffusers loop reads its batch size and optimiser settings from it too."""
 

@@ -1,6 +1,7 @@
 """benchmarks/ddae_vs_diffusers.py: the two U-Nets match, diffusers' blocks are read like sslbench's, and both
 training workers run one epoch through the parent's pipe protocol."""
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -127,7 +128,7 @@ def test_sslbench_worker_runs_ddae_with_the_settings_recipe_and_precision(bench,
     (report,) = pipe.sent
     assert report.images == 128 and 0.5 < report.loss < 1.5
     encoder = bench.readout_encoder("sslbench", report.encoder_state)
-    assert encoder.unet.config == UNET_PRESETS["small"]
+    assert encoder.unet.config == dataclasses.replace(UNET_PRESETS["small"], init="pytorch")
     meta = (tmp_path / "runs" / "sslbench" / "encoder.json").read_text()
     assert '"method": "ddae"' in meta and '"lr": 0.0002' in meta
 
@@ -137,3 +138,10 @@ def test_knn_epochs_follow_the_settings(bench, tmp_path):
     simclr = speed_vs_lightly.Settings(tmp_path, 12, None, 1, tmp_path)
     assert speed_vs_lightly.knn_epochs(simclr) == [5, 10, 12]
     assert speed_vs_lightly.knn_epochs(_settings(bench, tmp_path, "32-true")) == [1]
+
+
+def test_both_sides_start_from_pytorch_default_initialisation(bench):
+    # Like for like: diffusers' layers keep PyTorch's defaults, so sslbench's side is built with init="pytorch".
+    assert bench.RECIPE["backbone"]["unet"]["init"] == "pytorch"
+    encoder = bench.readout_encoder("sslbench", None)
+    assert torch.count_nonzero(encoder.unet.out.conv.weight) == encoder.unet.out.conv.weight.numel()

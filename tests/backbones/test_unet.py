@@ -53,6 +53,23 @@ def test_untrained_unet_predicts_zero_noise():
     assert torch.count_nonzero(unet(torch.randn(2, 3, 16, 16), torch.tensor([3, 7]))) == 0
 
 
+def test_pytorch_init_is_each_layers_default_and_predicts_non_zero_noise():
+    config = UNetConfig(**{**unet_config_dict(UNET_PRESETS["tiny"]), "init": "pytorch"})
+    torch.manual_seed(0)
+    unet = UNet(config)
+    assert torch.count_nonzero(unet(torch.randn(2, 3, 16, 16), torch.tensor([3, 7]))) > 0
+    conv = unet.out.conv
+    # nn.Conv2d's default: kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias alike.
+    bound = 1 / (conv.in_channels * 9) ** 0.5
+    assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.9 * bound
+    assert conv.bias.abs().max() <= bound and torch.count_nonzero(conv.bias) == 3
+    torch.manual_seed(0)
+    again = UNet(config)
+    assert all(torch.equal(a, b) for a, b in zip(unet.parameters(), again.parameters()))
+    with pytest.raises(ConfigError, match="init='xavier' is not known; use ddpm or pytorch"):
+        UNetConfig(init="xavier")
+
+
 def test_block_names_strides_and_channels_match_the_features():
     unet = random_unet(UNET_PRESETS["tiny"])
     assert unet.block_names() == TINY_BLOCKS

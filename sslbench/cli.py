@@ -62,6 +62,8 @@ def pretrain(
     num_nodes: int = typer.Option(1, help="Number of nodes (multi-node DDP)."),
     precision: Optional[str] = typer.Option(None, help="Lightning precision (default: bf16-mixed on GPU, 32-true on CPU)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder."),
+    data_on_device: bool = typer.Option(True, "--data-on-device/--data-on-host",
+                                        help="On a GPU, keep the uint8 images in GPU memory when they fit in a quarter of it."),
 ) -> None:
     """Pretrain an encoder with a self-supervised method and export it."""
     from sslbench.backbones import backbone_spec
@@ -93,7 +95,8 @@ def pretrain(
     masks = dataset.targets.get("mask") if METHODS[method].needs_masks else None
     spec = backbone_spec(backbone, width, int(images.shape[-1])) if backbone else None
     result = run_pretrain(method, images, RunConfig(out=out, devices=devices, strategy=strategy, num_nodes=num_nodes,
-                                                    precision=precision, resume=resume, compile=compile),
+                                                    precision=precision, resume=resume, compile=compile,
+                                                    data_on_device=data_on_device),
                           backbone=spec, options=options, train=train, info={"data": data, "train_images": len(images)},
                           masks=masks)
     typer.echo(f"{method}: {len(result.epoch_seconds)} epochs this run, {result.images_per_second:.0f} images/s, "

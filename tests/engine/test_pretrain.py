@@ -1,12 +1,14 @@
 """Pretraining end to end on the procedural scenes: losses fall, resume is exact, exports reload."""
 
+from pathlib import Path
+
 import pytest
 from lightning.pytorch.callbacks import Callback
 import torch
 from safetensors.torch import load_file
 
 from sslbench.data import load_dataset
-from sslbench.engine import LAST_CHECKPOINT, RunConfig, load_encoder, pretrain
+from sslbench.engine import LAST_CHECKPOINT, RunConfig, ShuffledBatches, DataOnDevice, data_fits_on_device, load_encoder, pretrain
 from sslbench.errors import ConfigError, SslbenchError
 from sslbench.methods import METHODS, detcon
 
@@ -138,3 +140,28 @@ def test_bad_options_fail_before_anything_is_written(tmp_path, scenes):
     with pytest.raises(ConfigError, match="unknown method"):
         pretrain("simclrr", scenes, RunConfig(out=tmp_path / "x", progress=False))
     assert not (tmp_path / "x").exists()
+
+
+def test_batches_are_gathered_on_the_device_the_data_lives_on():
+    # "meta" stands in for a GPU (CI has none): the same code path moves images, masks and the permutation.
+    images = torch.arange(6 * 3 * 2 * 2, dtype=torch.uint8).reshape(6, 3, 2, 2)
+    masks = torch.zeros(6, 2, 2, dtype=torch.uint8)
+    host = ShuffledBatches(images, 2, seed=0, masks=masks)
+    expected = host[1][0]
+    dataset = ShuffledBatches(images, 2, seed=0, masks=masks)
+
+    class FakeTrainer:
+        class strategy:
+            root_device = torch.device("meta")
+
+    DataOnDevice(dataset).on_train_start(FakeTrainer(), None)
+    batch, batch_masks = dataset[1]
+    assert batch.device.type == batch_masks.device.type == "meta" and batch.shape == expected.shape
+    dataset.set_epoch(3)  # a new epoch's permutation is drawn on the host, as before, and kept on the device
+    assert dataset.order.device.type == "meta" and dataset.order.shape == (6,)
+
+
+def test_data_moves_to_the_gpu_only_when_it_takes_at_most_a_quarter_of_it():
+    assert data_fits_on_device(150_000_000, 80 * 2**30)  # CIFAR-10 on an H100
+    assert not data_fits_on_device(30 * 2**30, 80 * 2**30)
+    assert not RunConfig(out=Path("x"), data_on_device=False).data_on_device

@@ -64,11 +64,14 @@ def pretrain(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder."),
     data_on_device: bool = typer.Option(True, "--data-on-device/--data-on-host",
                                         help="On a GPU, keep the uint8 images in GPU memory when they fit in a quarter of it."),
+    stream: bool = typer.Option(False, "--stream", help="Decode a --data folder from disk batch by batch in loader workers "
+                                "instead of loading it into memory, for folders larger than RAM (needs --image-size; "
+                                "every epoch decodes the images again)."),
 ) -> None:
     """Pretrain an encoder with a self-supervised method and export it."""
     from sslbench.backbones import backbone_spec
     from sslbench.config import load_yaml, parse_pairs
-    from sslbench.data import dataset_entry, load_dataset
+    from sslbench.data import dataset_entry, load_dataset, stream_dataset
     from sslbench.engine import RunConfig, pretrain as run_pretrain
     from sslbench.methods import METHODS, TrainConfig
 
@@ -89,11 +92,15 @@ def pretrain(
             train[key] = value
     train["seed"] = seed
     entry = dataset_entry(data)
-    dataset = load_dataset(data, data_root, entry.train_split, image_size=image_size, limit=limit)
-    images = dataset.images
-    # Mask-based methods (DetCon) get the ground-truth segmentation when the dataset has one.
-    masks = dataset.targets.get("mask") if METHODS[method].needs_masks else None
-    spec = backbone_spec(backbone, width, int(images.shape[-1])) if backbone else None
+    if stream:
+        images, masks = stream_dataset(data, data_root, entry.train_split, image_size, limit), None
+        size = images.image_size
+    else:
+        dataset = load_dataset(data, data_root, entry.train_split, image_size=image_size, limit=limit)
+        images, size = dataset.images, dataset.image_size[1]
+        # Mask-based methods (DetCon) get the ground-truth segmentation when the dataset has one.
+        masks = dataset.targets.get("mask") if METHODS[method].needs_masks else None
+    spec = backbone_spec(backbone, width, size) if backbone else None
     result = run_pretrain(method, images, RunConfig(out=out, devices=devices, strategy=strategy, num_nodes=num_nodes,
                                                     precision=precision, resume=resume, compile=compile,
                                                     data_on_device=data_on_device),

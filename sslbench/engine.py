@@ -1,4 +1,4 @@
-"""The training engine: Lightning Trainer set-up, the uint8 batch loader, checkpoints and export.
+"""The training engine: Lightning Trainer set-up, the uint8 batch loaders, checkpoints and export.
 
 CPU or GPU is chosen automatically. On a GPU the run uses bf16 autocast and keeps the uint8 images in GPU memory when they
 fit (``RunConfig.data_on_device``); convnet methods run in channels_last
@@ -7,6 +7,11 @@ GPUs or nodes use Lightning's DDP/FSDP strategies unchanged (``strategy``/``devi
 Checkpoints are written atomically (temporary file, then rename), so a killed run never leaves a
 truncated ``last.ckpt``; ``resume=True`` continues from it with the same optimiser, schedule, epoch
 and per-step random streams.
+
+Training images come either as one uint8 tensor in memory (``ShuffledBatches``: a batch is one indexing op) or,
+for folders too large for memory, as an ``ImageFiles`` stream (``StreamedBatches``: each batch decoded from disk by
+DataLoader workers, every epoch again). Both walk the same (seed, epoch) permutation, so a run gives the same
+batches, losses and resume either way.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +32,29 @@ from safetensors.torch import load_file, save_file
 
 from sslbench import __version__
 from sslbench.backbones import Encoder, build_encoder
+from sslbench.data.folder import ImageFiles
 from sslbench.errors import ConfigError, DataError, SslbenchError
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_SPEC = "encoder.json"
 LAST_CHECKPOINT = "last.ckpt"
+
+
+STREAM_SAMPLE_IMAGES = 10_000
+"""At most this many images of a stream are decoded for ``initialise_from_data``: iGPT and BEiT fit their palette on
+65,536 pixels drawn from these images (a tensor in memory gives them all of its images), and the sample holds
+1.5 GB at 224 px instead of a whole dataset."""
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of ``count`` rows that epoch ``epoch`` walks: a function of (seed, epoch) only, so an
+    in-memory and a streamed run see the same batches, and a resumed run those of an uninterrupted one."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+def check_batch_size(batch_size: int, count: int) -> None:
+    if count < batch_size:
+        raise ConfigError(f"batch size {batch_size} is larger than the dataset ({count} images); lower --batch-size")
 
 
 class ShuffledBatches(torch.utils.data.Dataset):
@@ -44,8 +68,7 @@ class ShuffledBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, seed: int, masks: torch.Tensor | None = None):
-        if len(images) < batch_size:
-            raise ConfigError(f"batch size {batch_size} is larger than the dataset ({len(images)} images); lower --batch-size")
+        check_batch_size(batch_size, len(images))
         if masks is not None and masks.shape != (images.shape[0], *images.shape[2:]):
             raise DataError(f"masks of shape {tuple(masks.shape)} do not match images {tuple(images.shape)}; "
                             "give one (H, W) mask per image")
@@ -56,8 +79,7 @@ class ShuffledBatches(torch.utils.data.Dataset):
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-        self.order = torch.randperm(len(self.images), generator=generator).to(self.images.device)
+        self.order = epoch_order(len(self.images), self.seed, epoch).to(self.images.device)
 
     def to(self, device: torch.device) -> None:
         """Keep the images (and masks) on ``device``: each batch is then gathered there, with no host copy."""
@@ -73,6 +95,33 @@ class ShuffledBatches(torch.utils.data.Dataset):
         return self.images[rows] if self.masks is None else (self.images[rows], self.masks[rows])
 
 
+class StreamedBatches(torch.utils.data.Dataset):
+    """The streaming twin of ``ShuffledBatches``: item i is batch i of the same (seed, epoch) permutation, decoded.
+
+    Only file paths are held; each item decodes and resizes its ``batch_size`` images (``ImageFiles.decode``),
+    in a DataLoader worker when the loader has workers, so the decoding of the next batches overlaps the
+    training step. The cost is decoding every image once per epoch, which in-memory data pays once per run.
+    Workers are not persistent: each epoch's workers start from a copy of this dataset taken after
+    ``set_epoch`` drew that epoch's permutation (``_EpochShuffle``, on resume too), so they walk the new order.
+    """
+
+    def __init__(self, files: ImageFiles, batch_size: int, seed: int):
+        check_batch_size(batch_size, len(files))
+        self.files = files
+        self.batch_size = batch_size
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order = epoch_order(len(self.files), self.seed, epoch)
+
+    def __len__(self) -> int:
+        return len(self.files) // self.batch_size  # drop_last, as ShuffledBatches
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.files.decode(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+
+
 def split_batch(batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images, masks or None) of a ``ShuffledBatches`` item (Lightning may turn the pair into a list)."""
     if isinstance(batch, (tuple, list)):
@@ -81,11 +130,28 @@ def split_batch(batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | list[t
 
 
 class _EpochShuffle(Callback):
-    def __init__(self, dataset: ShuffledBatches):
+    """Draws each epoch's permutation before Lightning starts that epoch's DataLoader iterator (and its workers).
+
+    On resume Lightning starts the first iterator before any epoch hook, so the epoch to resume at also travels
+    in the checkpoint and is drawn when the checkpoint is restored; otherwise the loader workers forked then
+    would walk the interrupted epoch's order (a loader without workers reads the order when it gathers a batch).
+    """
+
+    def __init__(self, dataset: ShuffledBatches | StreamedBatches):
         self.dataset = dataset
+        self.next_epoch = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.dataset.set_epoch(trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.next_epoch = trainer.current_epoch + 1  # checkpoints are written at epoch ends, after this hook
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_epoch": self.next_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.dataset.set_epoch(state_dict["next_epoch"])
 
 
 DEVICE_DATA_FRACTION = 0.25
@@ -169,6 +235,9 @@ class RunConfig:
     data_on_device: bool = True
     """On a GPU, keep the uint8 images in GPU memory when they fit (``DEVICE_DATA_FRACTION``), so a step gathers its
     batch there instead of copying it from the host; augmentation already runs on the device."""
+    loader_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    """DataLoader worker processes decoding a streamed dataset (``ImageFiles``), each process its own; 0 decodes in
+    the training process. In-memory tensors need none: gathering a batch is one indexing op."""
 
 
 def cuda_available(accelerator: str) -> bool:
@@ -251,11 +320,70 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def pretrain(method_name: str, images: torch.Tensor, run: RunConfig, backbone: dict[str, Any] | None = None,
+@dataclass
+class TrainingData:
+    """What ``pretrain`` needs from its images, whether they are a tensor in memory or files streamed from disk."""
+
+    loader: torch.utils.data.DataLoader
+    callbacks: list[Callback]
+    """Epoch shuffling, and moving in-memory data to the GPU."""
+    image_size: int
+    steps_per_epoch: int
+    initial_images: Callable[[torch.Generator], torch.Tensor]
+    """The uint8 images ``initialise_from_data`` fits data-dependent state on: all of a tensor, a seeded sample of at
+    most ``STREAM_SAMPLE_IMAGES`` of a stream (decoding it is not free, so it is only asked for when a method uses it)."""
+
+
+def training_data(images: torch.Tensor | ImageFiles, batch_size: int, seed: int, run: RunConfig, method_name: str,
+                  dataset_masks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TrainingData:
+    """The batch loader over ``images``: the one place where in-memory and streamed data part ways.
+
+    ``dataset_masks`` computes a mask-based method's per-image masks from the whole image tensor, so it needs
+    the data in memory. A stream's loader runs ``run.loader_workers`` processes, each decoding whole batches
+    and keeping two ready ahead (the DataLoader's default prefetch), pinned for the copy to a GPU.
+    """
+    on_gpu = cuda_available(run.accelerator)
+    if isinstance(images, ImageFiles):
+        if dataset_masks is not None:
+            raise ConfigError(f"method {method_name} computes masks over the whole dataset, which streaming does not support; "
+                              "load the data in memory instead (drop --stream)")
+        if run.loader_workers < 0:
+            raise ConfigError(f"loader_workers={run.loader_workers} is out of range; use 0 (decode in the training process) or more")
+        streamed = StreamedBatches(images, batch_size, seed)
+        loader = torch.utils.data.DataLoader(streamed, batch_size=None, shuffle=False, num_workers=run.loader_workers,
+                                             pin_memory=on_gpu)
+        return TrainingData(loader, [_EpochShuffle(streamed)], images.image_size, len(streamed),
+                            lambda generator: images.sample(STREAM_SAMPLE_IMAGES, generator))
+    batch_masks = dataset_masks(images) if dataset_masks is not None else None
+    dataset = ShuffledBatches(images, batch_size, seed, masks=batch_masks)
+    data_bytes = images.nbytes + (batch_masks.nbytes if batch_masks is not None else 0)
+    resident = on_gpu and run.data_on_device and data_fits_on_device(data_bytes, torch.cuda.get_device_properties(0).total_memory)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0, pin_memory=on_gpu and not resident)
+    return TrainingData(loader, [_EpochShuffle(dataset), *([DataOnDevice(dataset)] if resident else [])],
+                        int(images.shape[-1]), len(dataset), lambda generator: images)
+
+
+def worker_error_message(error: DataError) -> str:
+    """The one-line message of a ``DataError`` that a DataLoader worker raised.
+
+    The DataLoader re-raises a worker's exception in the training process with the worker's whole traceback as
+    its message; the last line of that traceback is the original one-line message, after the error's type.
+    """
+    last = str(error).strip().splitlines()[-1]
+    head, found, message = last.partition(f"{type(error).__module__}.{type(error).__qualname__}: ")
+    return message if found and not head else last
+
+
+def pretrain(method_name: str, images: torch.Tensor | ImageFiles, run: RunConfig, backbone: dict[str, Any] | None = None,
              options: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
              callbacks: list[Callback] | None = None, info: dict[str, Any] | None = None,
              masks: torch.Tensor | None = None) -> PretrainResult:
-    """Pretrain ``method_name`` on uint8 ``images`` (N, 3, H, W) and export its encoder to ``run.out``.
+    """Pretrain ``method_name`` on uint8 ``images`` (N, 3, H, W), or on an ``ImageFiles`` stream, and export its encoder to ``run.out``.
+
+    A stream is for folders too large for memory: its batches are decoded by ``run.loader_workers`` processes
+    in every epoch (the price of streaming), its images have ``ImageFiles.image_size``, and methods that fit
+    data-dependent state get a sample of at most ``STREAM_SAMPLE_IMAGES`` of them; it gives the same batches,
+    hence the same losses, as the tensor of the same folder.
 
     ``masks`` (N, H, W): the dataset's ground-truth segment ids, offered to methods with ``needs_masks``
     (DetCon), which turn them, or masks they compute themselves, into per-image masks once
@@ -263,6 +391,7 @@ def pretrain(method_name: str, images: torch.Tensor, run: RunConfig, backbone: d
     """
     from sslbench.config import apply_overrides
     from sslbench.methods import METHODS, TrainConfig
+    from sslbench.methods.base import PretrainMethod
 
     if method_name not in METHODS:
         raise ConfigError(f"unknown method {method_name!r}; use one of {', '.join(sorted(METHODS))}")
@@ -282,27 +411,27 @@ def pretrain(method_name: str, images: torch.Tensor, run: RunConfig, backbone: d
     if not run.resume and last.is_file():
         raise SslbenchError(f"{run.out} already holds a run ({LAST_CHECKPOINT}); pass --resume to continue it or choose another --out")
     torch.manual_seed(train_config.seed)
-    batch_masks = cls.dataset_masks(method_options, images, masks, run.out.parent) if cls.needs_masks else None
-    dataset = ShuffledBatches(images, train_config.batch_size, train_config.seed, masks=batch_masks)
-    image_size = int(images.shape[-1])
-    module = cls(backbone, method_options, train_config, image_size, len(dataset))
-    if not run.resume:  # on resume the checkpoint restores this state; recomputing it could differ
-        module.initialise_from_data(images, torch.Generator().manual_seed(train_config.seed))
+    dataset_masks = (lambda data: cls.dataset_masks(method_options, data, masks, run.out.parent)) if cls.needs_masks else None
+    data = training_data(images, train_config.batch_size, train_config.seed, run, method_name, dataset_masks)
+    module = cls(backbone, method_options, train_config, data.image_size, data.steps_per_epoch)
+    # On resume the checkpoint restores this state (recomputing it could differ); methods without any never
+    # make a stream decode its sample.
+    if not run.resume and cls.initialise_from_data is not PretrainMethod.initialise_from_data:
+        sample = data.initial_images(torch.Generator().manual_seed(train_config.seed))
+        module.initialise_from_data(sample, torch.Generator().manual_seed(train_config.seed))
     if cls.channels_last:
         module = module.to(memory_format=torch.channels_last)
     run.out.mkdir(parents=True, exist_ok=True)
     if run.compile:
         module.encoder = torch.compile(module.encoder)
     stats = TrainingStats()
-    meta = {"method": method_name, "image_size": image_size, "options": method_options.__dict__, "train": train_config.__dict__,
+    meta = {"method": method_name, "image_size": data.image_size, "options": method_options.__dict__, "train": train_config.__dict__,
             **module.export_meta(), **(info or {})}
-    on_gpu = cuda_available(run.accelerator)
-    data_bytes = images.nbytes + (batch_masks.nbytes if batch_masks is not None else 0)
-    resident = on_gpu and run.data_on_device and data_fits_on_device(data_bytes, torch.cuda.get_device_properties(0).total_memory)
-    data_callbacks = [_EpochShuffle(dataset), *([DataOnDevice(dataset)] if resident else [])]
-    trainer = make_trainer(run, train_config.epochs, [*data_callbacks, stats, ExportEncoder(run.out, meta), *(callbacks or [])])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0, pin_memory=on_gpu and not resident)
-    trainer.fit(module, loader, ckpt_path=str(last) if run.resume else None)
+    trainer = make_trainer(run, train_config.epochs, [*data.callbacks, stats, ExportEncoder(run.out, meta), *(callbacks or [])])
+    try:
+        trainer.fit(module, data.loader, ckpt_path=str(last) if run.resume else None)
+    except DataError as error:  # a corrupt file met by a loader worker
+        raise DataError(worker_error_message(error)) from None
     seconds = sum(stats.epoch_seconds)
     return PretrainResult(
         out=run.out, method=method_name, epoch_seconds=stats.epoch_seconds, epoch_losses=stats.epoch_losses,

@@ -1,5 +1,6 @@
 """The CLI: every bad input is one line naming the problem and the fix, exit code 2, nothing written."""
 
+import json
 
 import pytest
 from PIL import Image
@@ -16,6 +17,10 @@ from PIL import Image
     (["pretrain", "--method", "simclr", "--set", "temprature=0.1", "--limit", "64"], "unknown option 'temprature'"),
     (["pretrain", "--method", "simclr", "--set", "lr=fast", "--limit", "64"], "lr='fast' is not a valid float"),
     (["pretrain", "--method", "simclr", "--data", "cifar10"], "needs --data-root"),
+    (["pretrain", "--method", "simclr", "--data", "cifar10", "--stream", "--image-size", "32"],
+     "--stream reads a folder of image files and works with --data folder only; drop --stream to load cifar10 in memory"),
+    (["pretrain", "--method", "simclr", "--data", "folder", "--data-root", "x", "--stream"],
+     "--stream needs --image-size: every streamed image is decoded and resized to that square size"),
     (["eval", "--task", "depthh", "--random"], "unknown task 'depthh'"),
     (["eval", "--task", "depth", "--protocol", "knn", "--random"], "task depth has no protocol 'knn'"),
     (["eval", "--task", "depth", "--data", "cifar10", "--random"], "dataset cifar10 has no labels for task depth"),
@@ -52,6 +57,20 @@ def test_corrupt_image_is_named(run_cli, monkeypatch, capsys, tmp_path):
                            "--data-root", folder, "--out", tmp_path / "o")
     assert code == 2 and "bad.png" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_pretrain_streams_a_folder(run_cli, monkeypatch, capsys, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(10):
+        Image.new("RGB", (20 + i, 18), (20 * i, 10, 200 - 10 * i)).save(folder / f"{i}.png")  # sizes differ
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli("pretrain", "--method", "simclr", "--data", "folder", "--data-root", folder, "--stream",
+                              "--image-size", "16", "--backbone", "resnet18", "--width", "0.125", "--epochs", "1",
+                              "--batch-size", "4", "--set", "projection_hidden=32", "--set", "projection_dim=16", "--out", out)
+    assert code == 0 and "simclr: 1 epochs this run" in stdout
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["image_size"] == 16 and meta["train_images"] == 10 and meta["train"]["batch_size"] == 4
 
 
 def test_eval_random_appends_rows_and_results_prints_the_table(run_cli, monkeypatch, capsys, tmp_path):

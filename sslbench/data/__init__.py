@@ -1,17 +1,21 @@
 """Datasets: one registry from a name to its loader and its train/test split names.
 
 Every loader reads an official on-disk layout (or, for ``scenes``, generates the built-in procedural
-data) and returns an in-memory ``ImageSet``.
+data) and returns an in-memory ``ImageSet``. A plain ``folder`` can instead stream for pretraining
+(``stream_dataset``), when it is too large to hold in memory.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from sslbench.data.base import IGNORE_INDEX, ImageSet
 from sslbench.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from sslbench.data.folder import ImageFiles
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,34 @@ def load_dataset(name: str, root: str | Path | None, split: str, image_size: int
                  limit: int | None = None) -> ImageSet:
     """Load ``split`` of dataset ``name`` from ``root``, optionally resized and cut to ``limit`` images."""
     entry = dataset_entry(name)
-    if entry.needs_root and root is None:
-        raise DataError(f"dataset {name!r} needs --data-root: the folder holding {entry.layout}")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"option limit={limit} is out of range; use a positive number of images")
+    _check_source(name, entry, root, limit)
     kwargs = {"image_size": image_size} if image_size is not None else {}
     return entry.loader(Path(root) if root is not None else None, split, limit=limit, **kwargs)
 
 
-__all__ = ["DATASETS", "IGNORE_INDEX", "ImageSet", "dataset_entry", "load_dataset"]
+def stream_dataset(name: str, root: str | Path | None, split: str, image_size: int | None,
+                   limit: int | None = None) -> ImageFiles:
+    """``split`` of dataset ``name`` as an ``ImageFiles`` stream, for pretraining on a folder larger than memory.
+
+    Only a plain ``folder`` streams (the other datasets are small, or packed in files that are not one image
+    each), and only at a given ``image_size``: a stream cannot check in advance that its images share a size.
+    """
+    from sslbench.data.folder import ImageFiles
+
+    entry = dataset_entry(name)
+    if name != "folder":
+        raise ConfigError(f"--stream reads a folder of image files and works with --data folder only; drop --stream to load {name} in memory")
+    if image_size is None:
+        raise ConfigError("--stream needs --image-size: every streamed image is decoded and resized to that square size")
+    _check_source(name, entry, root, limit)
+    return ImageFiles.from_folder(Path(root), image_size, split, limit)
+
+
+def _check_source(name: str, entry: DatasetEntry, root: str | Path | None, limit: int | None) -> None:
+    if entry.needs_root and root is None:
+        raise DataError(f"dataset {name!r} needs --data-root: the folder holding {entry.layout}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"option limit={limit} is out of range; use a positive number of images")
+
+
+__all__ = ["DATASETS", "IGNORE_INDEX", "ImageSet", "dataset_entry", "load_dataset", "stream_dataset"]

@@ -6,6 +6,11 @@ image sits in a direct subfolder (torchvision ``ImageFolder`` style) the subfold
 resizers) are what the CIFAR, Pet, CLEVR and NYU loaders use too, so every loader reports a missing
 folder, a corrupt file and mixed image sizes with the same one-line messages. Per-file work (decode,
 resize) runs on a thread pool in PIL/numpy; whole tensors are resized in torch.
+
+``ImageFiles`` is the streaming form of a folder, for folders too large to hold decoded in memory
+(ImageNet's 1.28M images are 193 GB as uint8 at 224 px): it keeps only the sorted file paths and
+decodes the images a batch asks for, so memory stays one batch per loader worker, at the price of
+decoding (and resizing) every image again in every epoch.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sslbench.data.base import ImageSet
-from sslbench.errors import DataError
+from sslbench.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _RESIZE_CHUNK = 512  # images resized at a time, so resizing never holds a float copy of a whole dataset
@@ -55,9 +60,10 @@ def parallel_map(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """``[function(item) for item in items]`` on a thread pool; PIL releases the GIL while decoding.
 
     ``function`` must use PIL and numpy only: torch ops called from many threads at once each start
-    their own intra-op thread team and oversubscribe the cores (10x slower on 2 cores).
+    their own intra-op thread team and oversubscribe the cores (10x slower on 2 cores). Inside a
+    DataLoader worker it maps serially: the worker processes already keep the cores busy.
     """
-    if len(items) < 16:
+    if len(items) < 16 or torch.utils.data.get_worker_info() is not None:
         return [function(item) for item in items]
     with ThreadPool(min(8, os.cpu_count() or 1)) as pool:
         return pool.map(function, items, chunksize=max(1, len(items) // 64))
@@ -153,13 +159,8 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def load_image_folder(root: Path, split: str = "train", image_size: int | None = None, limit: int | None = None) -> ImageSet:
-    """Every image under ``root`` (or under ``root/split`` when that folder exists), sorted by path.
-
-    Images are converted to RGB. When each image sits in a direct subfolder of the folder, the
-    subfolder names (sorted) are the classes and the set gets ``"class"`` targets; otherwise it is
-    unlabelled. ``image_size`` is required unless all images share one size.
-    """
+def folder_images(root: Path, split: str) -> tuple[Path, list[Path]]:
+    """The folder to read (``root/split`` when that folder exists, else ``root``) and its images, sorted by path."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} not found; pass --data-root pointing at the folder that contains the images")
@@ -167,6 +168,17 @@ def load_image_folder(root: Path, split: str = "train", image_size: int | None =
     paths = list_images(folder)
     if not paths:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+    return folder, paths
+
+
+def load_image_folder(root: Path, split: str = "train", image_size: int | None = None, limit: int | None = None) -> ImageSet:
+    """Every image under ``root`` (or under ``root/split`` when that folder exists), sorted by path.
+
+    Images are converted to RGB. When each image sits in a direct subfolder of the folder, the
+    subfolder names (sorted) are the classes and the set gets ``"class"`` targets; otherwise it is
+    unlabelled. ``image_size`` is required unless all images share one size.
+    """
+    folder, paths = folder_images(root, split)
     relative = [p.relative_to(folder).parts for p in paths]
     is_class_folder = all(len(parts) == 2 for parts in relative)
     paths = paths if limit is None else paths[:limit]
@@ -180,3 +192,49 @@ def load_image_folder(root: Path, split: str = "train", image_size: int | None =
         targets["class"] = torch.tensor([index[parts[0]] for parts in relative[: len(paths)]], dtype=torch.int64)
         num_classes["class"] = len(class_names)
     return ImageSet(name=folder.name, images=images, targets=targets, num_classes=num_classes, class_names=class_names)
+
+
+class ImageFiles:
+    """The images of a folder as files on disk, decoded and resized to ``image_size`` square on demand.
+
+    The streaming twin of ``load_image_folder`` for pretraining (``engine.StreamedBatches`` decodes one
+    batch per item in DataLoader workers): only the paths live in memory, so a folder of any size
+    trains, but every epoch pays the decoding again. One square ``image_size`` is required because a
+    stream cannot look at every image first to check that they share a size. Decoding goes through
+    ``read_images``, so pixels equal ``load_image_folder``'s at the same size and a corrupt file raises
+    the same one-line ``DataError``, when the batch holding it is decoded.
+    """
+
+    def __init__(self, paths: Sequence[Path], image_size: int):
+        if not paths:
+            raise DataError("no image files to stream")
+        if image_size < 1:
+            raise ConfigError(f"image size {image_size} is out of range; pass a positive --image-size")
+        # One numpy byte array instead of a list of Path objects: DataLoader workers forked from this process
+        # touch every Python object's reference count and so copy a list's memory page by page; an array is
+        # one object (and pickles as one buffer when a worker gets its copy).
+        self.paths = np.array([os.fsencode(path) for path in paths])
+        self.image_size = image_size
+
+    @classmethod
+    def from_folder(cls, root: Path, image_size: int, split: str = "train", limit: int | None = None) -> ImageFiles:
+        """The images under ``root`` (or ``root/split`` when it exists), sorted by path, as ``load_image_folder`` lists them."""
+        paths = folder_images(root, split)[1]
+        return cls(paths if limit is None else paths[:limit], image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, index: int) -> Path:
+        return Path(os.fsdecode(self.paths[index]))
+
+    def decode(self, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """The images at ``indices`` as one ``(B, 3, S, S)`` uint8 tensor, in the order given."""
+        return read_images([self.path(int(index)) for index in indices], self.image_size)
+
+    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``count`` images drawn without replacement by ``generator`` (every image when ``count >= len(self)``),
+        decoded in path order: a bounded stand-in for the whole set where a method fits data-dependent state."""
+        if count >= len(self):
+            return self.decode(range(len(self)))
+        return self.decode(torch.randperm(len(self), generator=generator)[:count].sort().values)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sslbench.data.folder import load_image_folder, resize_images, resize_map_nearest, resize_nearest, resize_rgb
-from sslbench.errors import DataError
+from sslbench.data.folder import ImageFiles, load_image_folder, resize_images, resize_map_nearest, resize_nearest, resize_rgb
+from sslbench.errors import ConfigError, DataError
 
 
 def _save(path, pixels):
@@ -82,3 +82,47 @@ def test_pil_and_torch_resizers_agree():
     by_pil = resize_rgb(image, 10).astype(int)
     by_torch = resize_images(torch.from_numpy(image).permute(2, 0, 1)[None], 10)[0].permute(1, 2, 0).numpy().astype(int)
     assert np.abs(by_pil - by_torch).max() <= 2  # both antialiased bilinear, rounding differs
+
+
+def test_image_files_decode_the_pixels_of_the_in_memory_loader(tmp_path):
+    for i in range(6):
+        _save(tmp_path / "train" / f"{i}.png", _pixels(i, (6, 8) if i % 2 else (10, 5)))
+    loaded = load_image_folder(tmp_path, image_size=7).images
+    files = ImageFiles.from_folder(tmp_path, 7)
+    assert len(files) == 6 and files.image_size == 7 and files.path(0) == tmp_path / "train" / "0.png"
+    batch = files.decode(torch.tensor([4, 0, 5]))
+    assert batch.dtype == torch.uint8 and torch.equal(batch, loaded[[4, 0, 5]])
+    assert torch.equal(files.sample(6, torch.Generator().manual_seed(0)), loaded)  # every image, in path order
+    assert len(ImageFiles.from_folder(tmp_path, 7, limit=2)) == 2
+
+
+def test_image_files_sample_is_a_seeded_subset_in_path_order(tmp_path):
+    for i in range(8):
+        _save(tmp_path / f"{i}.png", _pixels(i, (4, 4)))
+    loaded = load_image_folder(tmp_path).images
+    files = ImageFiles.from_folder(tmp_path, 4)
+    rows = []
+    for seed in range(6):
+        sample = files.sample(3, torch.Generator().manual_seed(seed))
+        assert torch.equal(sample, files.sample(3, torch.Generator().manual_seed(seed)))
+        matches = [next(i for i in range(8) if torch.equal(image, loaded[i])) for image in sample]
+        assert len(set(matches)) == 3 and matches == sorted(matches)
+        rows.append(tuple(matches))
+    assert len(set(rows)) > 1  # the seed picks the subset
+
+
+def test_image_files_report_corrupt_files_and_bad_sizes_like_the_loader(tmp_path):
+    _save(tmp_path / "a.png", _pixels(0))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    files = ImageFiles.from_folder(tmp_path, 4)  # listing decodes nothing
+    assert files.decode([0]).shape == (1, 3, 4, 4)
+    with pytest.raises(DataError, match=r"cannot read image .*broken\.jpg: .*; remove or replace it") as error:
+        files.decode([1, 0])
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="image size 0 is out of range; pass a positive --image-size"):
+        ImageFiles.from_folder(tmp_path, 0)
+    with pytest.raises(DataError, match="not found; pass --data-root"):
+        ImageFiles.from_folder(tmp_path / "missing", 4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        ImageFiles.from_folder(tmp_path / "empty", 4)

@@ -49,6 +49,11 @@ class MoCoOptions:
     key_momentum: float = 0.99
     projection_hidden: int = 2048
     projection_dim: int = 128
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    """Colour jitter strengths (brightness, contrast, saturation, hue), applied with p 0.8: MoCo v2's by default;
+    (0.8, 0.8, 0.8, 0.2) with crop_scale (0.08, 1) gives SimCLR's CIFAR views, for comparing the two methods on
+    equal views."""
 
 
 class MoCo(PretrainMethod):
@@ -61,7 +66,9 @@ class MoCo(PretrainMethod):
         self.key_encoder = frozen_copy(self.encoder)
         self.key_projection = frozen_copy(self.projection)
         self.queue = Queue(o.queue_size, o.projection_dim)
-        view = ViewConfig(size=self.image_size, crop_scale=(0.2, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
+        brightness, contrast, saturation, hue = o.jitter
+        view = ViewConfig(size=self.image_size, crop_scale=tuple(o.crop_scale), brightness=brightness, contrast=contrast,
+                          saturation=saturation, hue=hue)
         self.views = self.make_views([view, view])
 
     def _keys(self, views: torch.Tensor) -> torch.Tensor:

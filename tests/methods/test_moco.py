@@ -88,3 +88,18 @@ def test_moco_training_lowers_the_loss_of_a_fixed_batch_against_a_full_queue(tmp
     assert after < before - 0.25
     encoder, meta = load_encoder(tmp_path)
     assert meta["method"] == "moco" and encoder(torch.rand(2, 3, 16, 16)).pooled.shape == (2, 64)
+
+
+def test_moco_views_follow_the_crop_and_jitter_options():
+    from sslbench.methods import MoCo, TrainConfig
+
+    def views(**options):
+        method = MoCo({"backbone": "resnet18", "width": 0.125, "stem": "cifar"}, MoCo.Options(**options), TrainConfig(),
+                      image_size=16, steps_per_epoch=2)
+        return method.views.views
+
+    default = views()
+    assert len(default) == 2 and all(v.crop_scale == (0.2, 1.0) for v in default)
+    assert (default[0].brightness, default[0].contrast, default[0].saturation, default[0].hue) == (0.4, 0.4, 0.4, 0.1)
+    simclr = views(crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2))
+    assert all(v.crop_scale == (0.08, 1.0) and (v.brightness, v.hue) == (0.8, 0.2) for v in simclr)

@@ -9,9 +9,12 @@ CIFAR recipe (defaults), from the official MoCo CIFAR-10 demo (He et al.'s colab
 0.2, symmetric loss over both views (both keys enter the queue), MoCo v2 views (crop 0.2-1, jitter
 0.4/0.4/0.4/0.1 p 0.8, grey 0.2, no blur at 32 px). ImageNet uses queue 65536 and momentum 0.999.
 
-Under DDP the keys of all processes enter the queue (``Queue.enqueue`` gathers them). MoCo's
-shuffle-BN (which stops BatchNorm leaking batch statistics between query and key) is not done here:
-synchronised BatchNorm (the engine's ``sync_batchnorm``) serves the same purpose.
+Shuffle BN: BatchNorm must not let a query recognise its positive key by shared batch statistics (the
+queue's keys all come from earlier batches). As in the official CIFAR demo's ``bn_splits``, each process
+runs its batch through both encoders in ``bn_splits`` chunks, the keys' chunks in a random order
+(``split_batch_forward``), so a query and its key are normalised over different images. Under DDP each
+process does this over its own batch (leave ``sync_batchnorm`` off for MoCo: synchronised statistics
+would be shared again); the keys of all processes enter the queue (``Queue.enqueue`` gathers them).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from sslbench.augment import ViewConfig
+from sslbench.config import check_range
+from sslbench.errors import ConfigError
 from sslbench.methods.base import PretrainMethod
-from sslbench.methods.parts import MLPHead, Queue, ema_update, frozen_copy
+from sslbench.methods.parts import MLPHead, Queue, ema_update, frozen_copy, split_batch_forward
 
 
 def infonce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -54,6 +59,11 @@ class MoCoOptions:
     """Colour jitter strengths (brightness, contrast, saturation, hue), applied with p 0.8: MoCo v2's by default;
     (0.8, 0.8, 0.8, 0.2) with crop_scale (0.08, 1) gives SimCLR's CIFAR views, for comparing the two methods on
     equal views."""
+    bn_splits: int = 8
+    """BatchNorm statistics per chunk of the batch (shuffle BN on one device; 1 turns it off). The demo's 8."""
+
+    def __post_init__(self) -> None:
+        check_range("bn_splits", self.bn_splits, 1)
 
 
 class MoCo(PretrainMethod):
@@ -70,15 +80,23 @@ class MoCo(PretrainMethod):
         view = ViewConfig(size=self.image_size, crop_scale=tuple(o.crop_scale), brightness=brightness, contrast=contrast,
                           saturation=saturation, hue=hue)
         self.views = self.make_views([view, view])
+        if self.train_config.batch_size < 2 * o.bn_splits:
+            raise ConfigError(f"option bn_splits={o.bn_splits} leaves chunks of under 4 views at batch_size={self.train_config.batch_size}; "
+                              f"use --set bn_splits={max(1, self.train_config.batch_size // 2)} or less")
 
-    def _keys(self, views: torch.Tensor) -> torch.Tensor:
+    def _queries(self, views: torch.Tensor) -> torch.Tensor:
+        return split_batch_forward(lambda x: self.projection(self.encoder(x).pooled), views, self.options.bn_splits)
+
+    def _keys(self, views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        shuffle = torch.randperm(len(views), generator=generator)
         with torch.no_grad():
-            return F.normalize(self.key_projection(self.key_encoder(views).pooled).float(), dim=1)
+            keys = split_batch_forward(lambda x: self.key_projection(self.key_encoder(x).pooled), views, self.options.bn_splits, shuffle)
+        return F.normalize(keys.float(), dim=1)
 
     def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         v1, v2 = self.views(images, generator)
-        q1, q2 = self.projection(self.encoder(torch.cat([v1, v2])).pooled).chunk(2)
-        k1, k2 = self._keys(torch.cat([v1, v2])).chunk(2)
+        q1, q2 = self._queries(torch.cat([v1, v2])).chunk(2)
+        k1, k2 = self._keys(torch.cat([v1, v2]), generator).chunk(2)
         negatives = self.queue.keys.clone()
         t = self.options.temperature
         loss = (infonce_loss(q1, k2, negatives, t) + infonce_loss(q2, k1, negatives, t)) / 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -93,6 +94,23 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
             t.lerp_(o, 1.0 - momentum)
         else:
             t.copy_(o)
+
+
+def split_batch_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, splits: int,
+                        permutation: torch.Tensor | None = None) -> torch.Tensor:
+    """``fn`` applied to ``splits`` chunks of ``x`` (optionally in permuted order), outputs in ``x``'s order.
+
+    BatchNorm inside ``fn`` then normalises each chunk by its own statistics: MoCo's shuffle BN on one
+    device (the official CIFAR demo's ``bn_splits``). Without it the positive key is the only key computed
+    with the query's batch statistics (the queue's keys come from earlier batches), and the network can
+    find its positive by that signature instead of by content. Chunks are in order for the queries and
+    in ``permutation`` order for the keys, so a query and its key are normalised over different images.
+    """
+    if splits <= 1:
+        return fn(x)
+    order = torch.arange(len(x), device=x.device) if permutation is None else permutation.to(x.device)
+    out = torch.cat([fn(chunk) for chunk in x[order].chunk(splits)])
+    return out if permutation is None else out[torch.argsort(order)]
 
 
 def cosine_schedule(step: int, total_steps: int, start: float, end: float) -> float:

@@ -1,6 +1,7 @@
 import copy
 import math
 
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -65,9 +66,9 @@ class _FixedBatchLoss(Callback):
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             v1, v2 = module.views(self.images[:32], generator)
-            queries = module.projection(module.encoder(torch.cat([v1, v2])).pooled)[:32]
-            keys = module._keys(torch.cat([v1, v2]))[32:]
-            queue = module._keys(torch.cat(module.views(self.images[32:64], generator)))
+            queries = module._queries(torch.cat([v1, v2]))[:32]
+            keys = module._keys(torch.cat([v1, v2]), generator)[32:]
+            queue = module._keys(torch.cat(module.views(self.images[32:64], generator)), generator)
         module.load_state_dict(state)
         module.train(was_training)
         return infonce_loss(queries, keys, queue, module.options.temperature).item()
@@ -103,3 +104,14 @@ def test_moco_views_follow_the_crop_and_jitter_options():
     assert (default[0].brightness, default[0].contrast, default[0].saturation, default[0].hue) == (0.4, 0.4, 0.4, 0.1)
     simclr = views(crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2))
     assert all(v.crop_scale == (0.08, 1.0) and (v.brightness, v.hue) == (0.8, 0.2) for v in simclr)
+
+
+def test_moco_rejects_more_bn_splits_than_the_batch_can_fill():
+    from sslbench.errors import ConfigError
+    from sslbench.methods import MoCo, TrainConfig
+
+    with pytest.raises(ConfigError, match="bn_splits=8.*batch_size=8; use --set bn_splits=4"):
+        MoCo({"backbone": "resnet18", "width": 0.125, "stem": "cifar"}, MoCo.Options(bn_splits=8), TrainConfig(batch_size=8),
+             image_size=16, steps_per_epoch=2)
+    with pytest.raises(ConfigError, match="bn_splits"):
+        MoCo.Options(bn_splits=0)

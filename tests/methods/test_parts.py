@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sslbench.augment import ViewConfig
-from sslbench.methods.parts import MLPHead, Queue, cosine_schedule, ema_update, multicrop_views, sinkhorn
+from sslbench.methods.parts import MLPHead, Queue, cosine_schedule, ema_update, multicrop_views, sinkhorn, split_batch_forward
 
 
 def test_queue_is_fifo_wraps_around_and_is_checkpointed():
@@ -85,3 +85,18 @@ def test_mlp_head_layers_and_its_hidden_part_alone():
     assert [type(m) for m in hidden] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU]
     out = hidden(torch.randn(5, 8))
     assert out.shape == (5, 3) and (out >= 0).all()
+
+
+def test_split_batch_forward_normalises_each_chunk_and_restores_the_order():
+    x = torch.tensor([[0.0], [2.0], [10.0], [14.0], [1.0], [5.0]])
+    bn = nn.BatchNorm1d(1, affine=False)
+    # In order: chunks (0, 2), (10, 14), (1, 5), each mapped to (-1, 1) by its own mean and std.
+    assert torch.allclose(split_batch_forward(bn, x, 3), torch.tensor([[-1.0], [1.0]] * 3), atol=1e-4)
+    # Permuted: chunks (x[5], x[0]) = (5, 0), (14, 1), (10, 2); each row is scored within its chunk, returned in x's order.
+    permutation = torch.tensor([5, 0, 3, 4, 2, 1])
+    expected = torch.tensor([[-1.0], [-1.0], [1.0], [1.0], [-1.0], [1.0]])
+    assert torch.allclose(split_batch_forward(bn, x, 3, permutation), expected, atol=1e-4)
+    # Without batch statistics the split changes nothing, whatever the order.
+    linear = nn.Linear(1, 2)
+    assert torch.allclose(split_batch_forward(linear, x, 3, permutation), linear(x))
+    assert torch.equal(split_batch_forward(bn, x, 1), bn(x))

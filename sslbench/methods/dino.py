@@ -13,7 +13,7 @@ teacher temperature warmed up linearly from 0.04 to 0.07 over the first 3 epochs
 over 30 of 300 epochs; 3 suits the short CIFAR-scale runs this benchmark makes), last layer frozen
 during the first epoch (official ``freeze_last_layer``). Crops follow the official ResNet-50 recipe:
 global scale 0.14-1, local 0.05-0.14 (half resolution), 2 local crops by default; views as the
-paper: blur p 1.0 / 0.1 / 0.5 (global 1, global 2, locals) and solarisation p 0.2 on global 2.
+paper: blur p 1.0 / 0.1 / 0.5 (global 1, global 2, locals; ``blur_p``) and solarisation p 0.2 on global 2.
 Gradients of the student are clipped per parameter to norm 3.0 with every backbone (``clip_grad``; 0
 disables): the official default (``main_dino.py --clip_grad 3.0``), which the official README's
 ResNet-50 command (SGD, lr 0.03, 100 epochs) keeps, as it gives no ``--clip_grad``.
@@ -112,13 +112,14 @@ class DINOHead(nn.Module):
     ``DINOHead._init_weights``; the last layer keeps its own initialisation (see ``NormalizedLinear``).
     """
 
-    def __init__(self, in_dim: int, hidden: int, bottleneck: int, prototypes: int):
+    def __init__(self, in_dim: int, hidden: int, bottleneck: int, prototypes: int, batch_norm: bool = False):
         super().__init__()
-        self.mlp = MLPHead([in_dim, hidden, hidden, bottleneck], batch_norm=False, activation=nn.GELU)
+        self.mlp = MLPHead([in_dim, hidden, hidden, bottleneck], batch_norm=batch_norm, activation=nn.GELU)
         for layer in self.mlp.modules():
             if isinstance(layer, nn.Linear):
                 nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
         self.last_layer = NormalizedLinear(bottleneck, prototypes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +143,13 @@ class DINOOptions:
     local_scale: tuple[float, float] = (0.05, 0.14)
     freeze_last_layer_epochs: int = 1
     clip_grad: float = 3.0
+    head_batch_norm: bool = False
+    """BatchNorm after the head's hidden layers (the official ``use_bn_in_head``). A random ResNet's pooled vectors
+    are nearly parallel, so without it the teacher's centred outputs start almost uniform, and short runs can stay
+    in the uniform collapse (loss = log prototypes)."""
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    """Gaussian blur probability of global view 1, global view 2 and the local views (the paper's; CIFAR recipes,
+    such as solo-learn's, use no blur at 32 px)."""
 
 
 class DINO(PretrainMethod):
@@ -159,13 +167,14 @@ class DINO(PretrainMethod):
         o = self.options
         check_range("clip_grad", o.clip_grad, 0.0)
         check_range("freeze_last_layer_epochs", o.freeze_last_layer_epochs, 0)
-        self.head = DINOHead(self.encoder.pooled_dim, o.hidden, o.bottleneck, o.prototypes)
+        self.head = DINOHead(self.encoder.pooled_dim, o.hidden, o.bottleneck, o.prototypes, batch_norm=o.head_batch_norm)
         self.teacher_encoder = frozen_copy(self.encoder)
         self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(o.prototypes))
         base = ViewConfig(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
         views = multicrop_views(base, self.image_size, self.image_size // 2, o.local_views, o.global_scale, o.local_scale)
-        for view, blur in zip(views, [1.0, 0.1] + [0.5] * o.local_views):
+        global_blur_1, global_blur_2, local_blur = o.blur_p
+        for view, blur in zip(views, [global_blur_1, global_blur_2] + [local_blur] * o.local_views):
             view.blur_p = blur
         views[1] = dataclasses.replace(views[1], solarize_p=0.2)
         self.views = self.make_views(views)

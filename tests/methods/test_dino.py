@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -151,3 +152,23 @@ def test_resnet_dino_keeps_its_sgd_defaults():
 def test_negative_clip_grad_is_a_config_error():
     with pytest.raises(ConfigError, match="clip_grad"):
         DINO(VIT, DINOOptions(**SMALL_HEAD, clip_grad=-1.0), TrainConfig(), image_size=16, steps_per_epoch=1)
+
+
+def test_head_batch_norm_option_puts_bn_after_each_hidden_layer():
+    torch.manual_seed(0)
+    head = DINOHead(in_dim=64, hidden=128, bottleneck=32, prototypes=16, batch_norm=True)
+    norms = [m for m in head.mlp if isinstance(m, nn.BatchNorm1d)]
+    linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
+    assert len(norms) == 2 and [layer.bias is None for layer in linears] == [True, True, False]
+    # Nearly parallel inputs (as a random ResNet's pooled vectors): BN spreads them, the plain head barely does.
+    x = torch.ones(8, 64) + 0.01 * torch.randn(8, 64)
+    plain = DINOHead(in_dim=64, hidden=128, bottleneck=32, prototypes=16)
+    spread = lambda h: F.normalize(h.mlp(x), dim=1).std(0).sum().item()  # noqa: E731
+    assert spread(head) > 10 * spread(plain)
+
+
+def test_dino_blur_option_sets_each_views_blur():
+    method = DINO({"backbone": "resnet18", "width": 0.125, "stem": "cifar"}, DINO.Options(local_views=2, blur_p=(0.0, 0.3, 0.2)),
+                  TrainConfig(), image_size=16, steps_per_epoch=2)
+    assert [v.blur_p for v in method.views.views] == [0.0, 0.3, 0.2, 0.2]
+    assert [v.solarize_p for v in method.views.views] == [0.0, 0.2, 0.0, 0.0]

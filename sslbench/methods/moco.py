@@ -13,8 +13,8 @@ Shuffle BN: BatchNorm must not let a query recognise its positive key by shared 
 queue's keys all come from earlier batches). As in the official CIFAR demo's ``bn_splits``, each process
 runs its batch through both encoders in ``bn_splits`` chunks, the keys' chunks in a random order
 (``split_batch_forward``), so a query and its key are normalised over different images. Under DDP each
-process does this over its own batch (leave ``sync_batchnorm`` off for MoCo: synchronised statistics
-would be shared again); the keys of all processes enter the queue (``Queue.enqueue`` gathers them).
+process does this over its own batch, with its own BatchNorm statistics (the engine does not synchronise
+them); the keys of all processes enter the queue (``Queue.enqueue`` gathers them).
 """
 
 from __future__ import annotations

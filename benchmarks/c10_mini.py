@@ -53,9 +53,10 @@ VIT_MINI = {"backbone": "vit", "dim": 128, "depth": 6, "heads": 4, "patch_size":
 parameters, close to the quarter-width ResNet-18's 0.7M and cheap enough for 15 CPU epochs."""
 UNET_TINY = backbone_spec("unet-tiny")  # 16/32/32 channels, 0.27M parameters: the lean U-Net the protocol asks for
 # solo-learn's CIFAR configs (scripts/pretrain/cifar/*.yaml) train BYOL, SwAV and DINO with LARS (lr 1.0 / 0.6 / 0.3,
-# eta 0.02, wd 1e-5 / 1e-6). LARS is not available here and its layer-wise trust ratio makes those learning rates
-# meaningless for plain SGD, so those methods use what lightly's CIFAR benchmark uses for all of them, which is
-# also the protocol's SimCLR optimiser: SGD lr 0.06, momentum 0.9, weight decay 5e-4, cosine, no warm-up.
+# eta 0.02, wd 1e-5 / 1e-6). Their layer-wise trust ratio makes those learning rates meaningless for plain SGD, and
+# with sslbench's LARS (optimizer=lars) they did no better in 5-epoch sweeps (methods_c10_mini.md), so those methods
+# use what lightly's CIFAR benchmark uses for all of them, which is also the protocol's SimCLR optimiser: SGD lr
+# 0.06, momentum 0.9, weight decay 5e-4, cosine, no warm-up.
 SGD = {"batch_size": 256, "optimizer": "sgd", "lr": 0.06, "momentum": 0.9, "weight_decay": 5e-4}
 RECIPES = {
     # C10-mini SimCLR recipe: batch 256, SGD 0.06 momentum 0.9 wd 5e-4, cosine, T=0.5, head 128-512-128.

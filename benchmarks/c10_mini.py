@@ -112,8 +112,11 @@ RECIPES = {
     "igpt": dict(backbone={"backbone": "igpt"}, options={"grid": 8, "depth": 4, "width": 128, "heads": 4},
                  train={"batch_size": 256, "optimizer": "adamw", "lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.0,
                         "warmup_epochs": 1.0}),
-    # DDAE: DDPM on the tiny U-Net (16/32/32 channels), AdamW 2e-4 (batch 128 as the DDAE reference); readout t=11, mid block.
-    "ddae": dict(backbone=UNET_TINY, options={"readout_t": 11, "readout_block": "mid"},
+    # DDAE: DDPM on the tiny U-Net (16/32/32 channels) at PyTorch's layer initialisation (init="pytorch", as
+    # diffusers; the DDPM init with zeroed residual branches learns more slowly in short runs, speed.md section 5),
+    # AdamW 2e-4 (batch 128 as the DDAE reference); readout t=11, mid block.
+    "ddae": dict(backbone={**UNET_TINY, "unet": {**UNET_TINY["unet"], "init": "pytorch"}},
+                 options={"readout_t": 11, "readout_block": "mid"},
                  train={"batch_size": 128, "optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0}),
     # DDAE-EDM (Karras et al. 2022 training of the same U-Net): ddae's optimiser and batch; EMA 0.9999 with
     # warm-up; readout at sigma 0.047 (DDPM's t = 11), mid block; P_mean -1.2, P_std 1.2, sigma_data 0.5.

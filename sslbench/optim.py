@@ -38,17 +38,17 @@ class LARS(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                d = p.grad.add(p, alpha=wd) if wd else p.grad.clone()
+                d = p.grad.add(p, alpha=wd) if wd else p.grad
                 if group["lars_adapt"]:
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
                     ratio = group["eta"] * w_norm / (g_norm + wd * w_norm)
                     ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
                     if group["clip"] and lr > 0:
                         ratio = (ratio / lr).clamp(max=1.0)
-                    d.mul_(ratio)
+                    d = d * ratio
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = d.clone()
+                    state["momentum_buffer"] = d.clone()  # d may be p.grad itself
                 else:
                     state["momentum_buffer"].mul_(group["momentum"]).add_(d)
                 p.add_(state["momentum_buffer"], alpha=-lr)

@@ -108,9 +108,10 @@ def split_batch_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     """
     if splits <= 1:
         return fn(x)
-    order = torch.arange(len(x), device=x.device) if permutation is None else permutation.to(x.device)
-    out = torch.cat([fn(chunk) for chunk in x[order].chunk(splits)])
-    return out if permutation is None else out[torch.argsort(order)]
+    if permutation is None:
+        return torch.cat([fn(chunk) for chunk in x.chunk(splits)])
+    permutation = permutation.to(x.device)
+    return torch.cat([fn(chunk) for chunk in x[permutation].chunk(splits)])[torch.argsort(permutation)]
 
 
 def cosine_schedule(step: int, total_steps: int, start: float, end: float) -> float:

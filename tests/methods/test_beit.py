@@ -114,6 +114,36 @@ def test_the_loss_reads_only_the_masked_patches():
 
 
 @torch.no_grad()
+def test_patch_targets_are_the_palette_token_of_each_patch_mean_colour():
+    method = build_beit(target="patches", palette_size=4)
+    assert method.head.out_features == 4 and method.tokens_per_patch == 1
+    method.palette.colours.copy_(torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]))
+    images = torch.zeros(1, 3, 16, 16)
+    images[0, 0, :4, :2] = 1.0  # patch (0, 0): left half red, right half green; mean (0.5, 0.5, 0)
+    images[0, 1, :4, 2:4] = 1.0
+    images[0, 0, :4, 4:8] = 1.0  # patch (0, 1): all red
+    images[0, 1, 12:, 12:] = 0.9  # patch (3, 3): nearly green
+    tokens = method.target_tokens(images)
+    expected = torch.zeros(16, dtype=torch.long)
+    expected[0], expected[1], expected[15] = 3, 1, 2  # the blend's colour, red, green; black elsewhere
+    assert tokens.shape == (1, 16, 1) and torch.equal(tokens[0, :, 0], expected)
+    # Per-pixel targets of the same image keep both colours of patch (0, 0), row by row.
+    method.options.target = "pixels"
+    pixels = method.target_tokens(images)
+    assert pixels.shape == (1, 16, 16) and pixels[0, 0].tolist() == [1, 1, 2, 2] * 4
+
+
+def test_the_patch_palette_is_fitted_on_patch_means():
+    # Images whose pixels are black or white in a checkerboard finer than the patch: every patch mean is grey.
+    board = (torch.arange(16).view(1, 16) + torch.arange(16).view(16, 1)) % 2
+    images = (board * 255).to(torch.uint8).expand(8, 3, 16, 16).contiguous()
+    method = BEiTPalette(NANO_16, BEiTPaletteOptions(**{**TINY, "target": "patches", "palette_size": 2}), TrainConfig(),
+                         image_size=16, steps_per_epoch=1)
+    method.initialise_from_data(images, torch.Generator().manual_seed(0))
+    assert torch.allclose(method.palette.colours, torch.full((2, 3), 0.5), atol=1e-6)
+
+
+@torch.no_grad()
 def test_the_vit_sees_the_mask_token_at_masked_patches_not_their_pixels():
     method = build_beit()
     images = torch.rand(2, 3, 16, 16)
@@ -201,6 +231,7 @@ def test_defaults_follow_beit_scaled_to_the_batch():
     ({"mask_ratio": 0.99}, None, "masks 16 of 16 patches"),
     ({"min_block_patches": 0}, None, "min_block_patches=0 is out of range"),
     ({"palette_pixels": 8}, None, "palette_pixels=8 is out of range"),
+    ({"target": "dvae"}, None, "target='dvae' is not allowed"),
     ({}, backbone_spec("resnet18", 0.125), "beit_palette needs a ViT backbone"),
 ])
 def test_bad_options_are_config_errors(options, backbone, message):

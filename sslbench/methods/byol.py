@@ -64,6 +64,7 @@ class BYOL(PretrainMethod):
         p1, p2 = self.prediction(self.projection(self.encoder(both).pooled)).chunk(2)
         with torch.no_grad():
             z1, z2 = self.target_projection(self.target_encoder(both).pooled).chunk(2)
+        # The two directions are averaged; the paper sums them, so its SGD step at lr x is this loss's at 2x.
         loss = (byol_loss(p1, z2) + byol_loss(p2, z1)) / 2
         return loss, {"target_momentum": self.target_momentum()}
 

@@ -5,7 +5,10 @@
 visible tokens back at their positions, a shared learnable mask token at every masked position, its
 own fixed sin-cos position embedding, and predicts the pixels of every patch. The loss is the mean
 squared error over the *masked* patches, against pixels normalised per patch (``norm_pix_loss``,
-the paper's better target). The exported encoder is the ViT.
+the paper's better target). The exported encoder is the ViT, pooling the mean of its patch tokens
+(``pool="mean"``, the official fine-tuning's ``global_pool``): MAE's loss is on the patch tokens only (the CLS token
+learns only through attention), and on C10-mini the CLS readout scored 5 points below the patch mean of the same
+network (``benchmarks/vit_layers.py``, generative_c10_mini.md).
 
 ``masking="uniform"`` is UM-MAE's sampling (Li et al. 2022, "Uniform Masking: Enabling MAE
 Pre-training for Pyramid-based Vision Transformers with Locality"): exactly one patch is kept in
@@ -104,7 +107,7 @@ class MAE(PretrainMethod):
     name = "mae"
     Options = MAEOptions
     train_defaults = {"optimizer": "adamw", "weight_decay": 0.05, "betas": (0.9, 0.95)}
-    default_backbone = {"backbone": "vit", **VIT_PRESETS["tiny"], "patch_size": 4, "position_embedding": "sincos"}
+    default_backbone = {"backbone": "vit", **VIT_PRESETS["tiny"], "patch_size": 4, "position_embedding": "sincos", "pool": "mean"}
 
     @classmethod
     def derived_train_defaults(cls, backbone: dict[str, Any], train: TrainConfig) -> dict[str, Any]:

@@ -107,14 +107,15 @@ class MAE(PretrainMethod):
     name = "mae"
     Options = MAEOptions
     train_defaults = {"optimizer": "adamw", "weight_decay": 0.05, "betas": (0.9, 0.95)}
-    default_backbone = {"backbone": "vit", **VIT_PRESETS["tiny"], "patch_size": 4, "position_embedding": "sincos", "pool": "mean"}
+    default_backbone = {"backbone": "vit", **VIT_PRESETS["tiny"], "patch_size": 4, "position_embedding": "sincos"}
 
     @classmethod
     def derived_train_defaults(cls, backbone: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
         return {"lr": 1.5e-4 * train.batch_size / 256, "warmup_epochs": 0.05 * train.epochs}
 
     def build_encoder(self) -> Encoder:
-        return masked_image_vit(self.name, self.backbone_spec, self.image_size)
+        # The patch-mean readout unless the spec chooses one, so --backbone vit-tiny gets it too.
+        return masked_image_vit(self.name, {"pool": "mean", **self.backbone_spec}, self.image_size)
 
     def build(self) -> None:
         o = self.options

@@ -142,3 +142,15 @@ def test_bad_mae_options_are_config_errors(options, message):
 def test_mae_needs_a_vit():
     with pytest.raises(ConfigError, match="ViT backbone"):
         MAE(backbone_spec("resnet18", 0.125), MAEOptions(), TrainConfig(), image_size=16, steps_per_epoch=1)
+
+
+@torch.no_grad()
+def test_the_encoder_pools_the_patch_mean_unless_the_spec_chooses():
+    # MAE's loss is on the patch tokens only: its encoder reads their mean (the official fine-tuning's global_pool).
+    encoder = build_mae().encoder
+    images = torch.rand(2, 3, 16, 16)
+    assert encoder.spec["pool"] == "mean"
+    assert torch.allclose(encoder(images).pooled, encoder.forward_tokens(images)[:, 1:].mean(1))
+    torch.manual_seed(0)
+    chosen = MAE({**NANO_16, "pool": "cls"}, MAEOptions(), TrainConfig(), image_size=16, steps_per_epoch=1).encoder.eval()
+    assert chosen.spec["pool"] == "cls" and torch.allclose(chosen(images).pooled, chosen.forward_tokens(images)[:, 0])

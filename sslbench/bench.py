@@ -223,6 +223,9 @@ def _encoder(value: Any, index: int) -> EncoderConfig:
         if isinstance(source, str):
             backbone_spec(source, entry.width, entry.image_size)  # raises on an unknown backbone name
             default_name = f"random-{source}"
+        elif isinstance(source, dict) and source.get("backbone") == "igpt":
+            raise ConfigError(f"bench config {where}.random: an iGPT reads colour-palette tokens, and a palette exists only once "
+                              "it is fitted on training pixels; use checkpoint: with an igpt run's folder (it keeps its palette)")
         elif isinstance(source, dict) and source.get("backbone") in BACKBONES:
             default_name = f"random-{source['backbone']}"
         else:

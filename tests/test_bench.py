@@ -70,6 +70,7 @@ def with_change(config: dict, path: str, value) -> dict:
     ("encoders.0.timm", "resnet10t", "encoders[0] must have exactly one of checkpoint, random, timm, pretrain; it has random, timm"),
     ("encoders.0.widht", 1, "encoders[0] has unknown key 'widht'; allowed with random: image_size, name, random, width"),
     ("encoders.0.random", "resnet19", "unknown backbone 'resnet19'"),
+    ("encoders.0.random", {"backbone": "igpt"}, "encoders[0].random: an iGPT reads colour-palette tokens"),
     ("encoders.1.name", "rand-a", "encoders[0] and encoders[1] are both named 'rand-a'"),
     ("encoders.1", {"timm": "resnet10x?pretrained=false"}, "unknown timm model 'resnet10x'; did you mean resnet10t"),
     ("encoders.1", {"checkpoint": "/no/such/run"}, "checkpoint '/no/such/run' not found"),

@@ -88,7 +88,7 @@ class MoCo(PretrainMethod):
         return split_batch_forward(lambda x: self.projection(self.encoder(x).pooled), views, self.options.bn_splits)
 
     def _keys(self, views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        shuffle = torch.randperm(len(views), generator=generator)
+        shuffle = torch.randperm(len(views), generator=generator) if self.options.bn_splits > 1 else None
         with torch.no_grad():
             keys = split_batch_forward(lambda x: self.key_projection(self.key_encoder(x).pooled), views, self.options.bn_splits, shuffle)
         return F.normalize(keys.float(), dim=1)

@@ -35,16 +35,20 @@ TRAIN_IMAGES = 10_000
 def layer_features(encoder: VisionTransformer, images: torch.Tensor, batch_size: int = 500) -> dict[str, torch.Tensor]:
     """``{"cls L": (N, dim), "patches L": (N, dim), ..., "pooled": (N, dim)}`` for uint8 images (N, 3, H, W)."""
     out: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].float() / 255
-        tokens = encoder.embed(batch)
-        cls = (encoder.cls_token + encoder.position[:, :1]).expand(len(tokens), -1, -1)
-        hidden = torch.cat([cls, tokens], 1)
-        for index, block in enumerate(encoder.blocks, 1):
-            hidden = block(hidden)
-            out.setdefault(f"cls {index}", []).append(hidden[:, 0])
-            out.setdefault(f"patches {index}", []).append(F.layer_norm(hidden[:, 1:], hidden.shape[-1:]).mean(1))
-        out.setdefault("pooled", []).append(encoder(batch).pooled)
+    block_outputs: list[torch.Tensor] = []
+    # The blocks' outputs are caught on the encoder's own forward pass, which also gives ``pooled``.
+    hooks = [block.register_forward_hook(lambda module, inputs, output: block_outputs.append(output))
+             for block in encoder.blocks]
+    try:
+        for start in range(0, len(images), batch_size):
+            block_outputs.clear()
+            out.setdefault("pooled", []).append(encoder(images[start:start + batch_size].float() / 255).pooled)
+            for index, hidden in enumerate(block_outputs, 1):
+                out.setdefault(f"cls {index}", []).append(hidden[:, 0])
+                out.setdefault(f"patches {index}", []).append(F.layer_norm(hidden[:, 1:], hidden.shape[-1:]).mean(1))
+    finally:
+        for hook in hooks:
+            hook.remove()
     return {key: torch.cat(chunks) for key, chunks in out.items()}
 
 

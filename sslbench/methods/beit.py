@@ -119,8 +119,9 @@ class BEiTPalette(PretrainMethod):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.palette = ColourPalette(o.palette_size)
-        self.tokens_per_patch = encoder.patch_size ** 2 if o.target == "pixels" else 1
-        self.head = nn.Linear(encoder.dim, self.tokens_per_patch * o.palette_size)
+        # Target tokens per patch side: one per pixel, or one for the whole patch.
+        self.tokens_per_side = encoder.patch_size if o.target == "pixels" else 1
+        self.head = nn.Linear(encoder.dim, self.tokens_per_side ** 2 * o.palette_size)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         view = ViewConfig(size=self.image_size, crop_scale=tuple(o.crop_scale), jitter_p=0.0, grayscale_p=0.0)
@@ -137,12 +138,12 @@ class BEiTPalette(PretrainMethod):
 
     def token_resolution(self, images: torch.Tensor) -> torch.Tensor:
         """Float images at the resolution the target quantises: as they are (``pixels``) or averaged per patch."""
-        return images if self.options.target == "pixels" else F.avg_pool2d(images, self.encoder.patch_size)
+        cell = self.encoder.patch_size // self.tokens_per_side
+        return images if cell == 1 else F.avg_pool2d(images, cell)
 
     def target_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Every patch's target tokens (B, N, P), P = ``tokens_per_patch``, patches in raster order."""
-        tokens = self.palette.quantize(self.token_resolution(images)).unsqueeze(1)
-        return patchify(tokens, self.encoder.patch_size if self.options.target == "pixels" else 1)
+        """Every patch's target tokens (B, N, P), P = ``tokens_per_side ** 2``, patches in raster order."""
+        return patchify(self.palette.quantize(self.token_resolution(images)).unsqueeze(1), self.tokens_per_side)
 
     def export_meta(self) -> dict[str, Any]:
         size = self.options.palette_size
@@ -156,7 +157,7 @@ class BEiTPalette(PretrainMethod):
         """The loss from the patch outputs (B, N, dim) and every patch's target tokens (B, N, P), read at the
         masked patches ``masked_indices`` (B, M) only: the head never runs on the visible ones."""
         logits = self.head(gather_patches(outputs, masked_indices))
-        logits = logits.unflatten(-1, (self.tokens_per_patch, self.options.palette_size))
+        logits = logits.unflatten(-1, (self.tokens_per_side ** 2, self.options.palette_size))
         return palette_token_loss(logits, gather_patches(tokens, masked_indices))
 
     def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:

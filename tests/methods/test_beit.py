@@ -116,7 +116,7 @@ def test_the_loss_reads_only_the_masked_patches():
 @torch.no_grad()
 def test_patch_targets_are_the_palette_token_of_each_patch_mean_colour():
     method = build_beit(target="patches", palette_size=4)
-    assert method.head.out_features == 4 and method.tokens_per_patch == 1
+    assert method.head.out_features == 4 and method.tokens_per_side == 1
     method.palette.colours.copy_(torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]))
     images = torch.zeros(1, 3, 16, 16)
     images[0, 0, :4, :2] = 1.0  # patch (0, 0): left half red, right half green; mean (0.5, 0.5, 0)
@@ -128,8 +128,9 @@ def test_patch_targets_are_the_palette_token_of_each_patch_mean_colour():
     expected[0], expected[1], expected[15] = 3, 1, 2  # the blend's colour, red, green; black elsewhere
     assert tokens.shape == (1, 16, 1) and torch.equal(tokens[0, :, 0], expected)
     # Per-pixel targets of the same image keep both colours of patch (0, 0), row by row.
-    method.options.target = "pixels"
-    pixels = method.target_tokens(images)
+    per_pixel = build_beit(target="pixels", palette_size=4)
+    per_pixel.palette.colours.copy_(method.palette.colours)
+    pixels = per_pixel.target_tokens(images)
     assert pixels.shape == (1, 16, 16) and pixels[0, 0].tolist() == [1, 1, 2, 2] * 4
 
 

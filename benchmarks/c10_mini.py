@@ -202,6 +202,8 @@ def main() -> None:
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--knn-at", type=int, nargs="+", default=[5, 10, 15],
+                        help="Epochs after which to score the kNN (those beyond --epochs are skipped; the last epoch always is).")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
@@ -241,7 +243,7 @@ def main() -> None:
     for method in args.methods:
         recipe = RECIPES[method]
         recipe = {**recipe, "options": {**recipe["options"], **option_overrides}, "train": {**recipe["train"], **train_overrides}}
-        monitor = KnnAtEpochs(sorted({e for e in (5, 10, 15) if e <= args.epochs} | {args.epochs}), train, test, probe)
+        monitor = KnnAtEpochs(sorted({e for e in args.knn_at if e <= args.epochs} | {args.epochs}), train, test, probe)
         out = args.out / method
         shutil.rmtree(out, ignore_errors=True)
         if device == "cuda":

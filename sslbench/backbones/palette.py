@@ -78,10 +78,11 @@ def kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch.Gener
 
 def sample_pixels(images: torch.Tensor, count: int, generator: torch.Generator,
                   prepare: Callable[[torch.Tensor], torch.Tensor], chunk: int = 1024) -> torch.Tensor:
-    """``count`` pixels (count, 3), drawn uniformly with replacement from a uint8 dataset (N, 3, H, W).
+    """``count`` pixels (count, C), drawn uniformly with replacement from a uint8 dataset (N, 3, H, W).
 
     ``prepare`` maps a float [0, 1] batch to the images the palette will quantise (for iGPT: resized to
-    the token grid), so the palette is fitted on the colours it will actually see. Only the images that
+    the token grid; for a patch codebook: one C-dimensional vector per patch), so the palette is fitted on
+    the vectors it will actually see. Only the images that
     hold a sampled pixel are prepared (at most ``count``), ``chunk`` at a time, so memory stays bounded
     whatever the dataset's size.
     """
@@ -90,7 +91,7 @@ def sample_pixels(images: torch.Tensor, count: int, generator: torch.Generator,
     flat = torch.randint(0, len(images) * per_image, (count,), generator=generator)
     image_index, position = flat // per_image, flat % per_image
     needed, owner = torch.unique(image_index, return_inverse=True)
-    pixels = torch.empty(count, 3)
+    pixels = torch.empty(count, first.shape[1])
     for start in range(0, len(needed), chunk):
         prepared = prepare(images[needed[start:start + chunk]].float() / 255.0)
         prepared = prepared.flatten(2).transpose(1, 2)  # (chunk, h*w, 3)
@@ -100,32 +101,35 @@ def sample_pixels(images: torch.Tensor, count: int, generator: torch.Generator,
 
 
 class ColourPalette(nn.Module):
-    """``size`` RGB colours in [0, 1] (a buffer), fitted by k-means; quantises images to colour indices."""
+    """``size`` RGB colours in [0, 1] (a buffer), fitted by k-means; quantises images to colour indices.
 
-    def __init__(self, size: int):
+    ``channels`` other than 3 make it a codebook of ``size`` vectors for images of that many channels (a
+    BEiT-style patch codebook quantises one vector of p*p*3 values per patch); the k-means is the same."""
+
+    def __init__(self, size: int, channels: int = 3):
         super().__init__()
         if size < 2:
             raise ConfigError(f"palette size {size} is too small; use at least 2 colours (iGPT uses 512)")
         self.size = size
-        self.register_buffer("colours", torch.zeros(size, 3))
+        self.register_buffer("colours", torch.zeros(size, channels))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
     def fit(self, pixels: torch.Tensor, iterations: int, generator: torch.Generator) -> None:
-        """Fit the colours to ``pixels`` (N, 3) in [0, 1] with k-means (k-means++ seeds, ``iterations`` rounds)."""
+        """Fit the colours to ``pixels`` (N, C) with k-means (k-means++ seeds, ``iterations`` rounds)."""
         centres = kmeans(pixels.cpu(), self.size, iterations, generator)
         self.colours.copy_(centres.to(self.colours.device))
         self.fitted.fill_(True)
 
     def quantize(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images (B, 3, H, W) in [0, 1] -> tokens (B, H, W), the index of each pixel's nearest colour."""
+        """Float images (B, C, H, W) -> tokens (B, H, W), the index of each pixel's nearest colour."""
         if not bool(self.fitted):
             raise SslbenchError("the colour palette is not fitted; fit it on training pixels first "
                                 "(engine.pretrain does so through PretrainMethod.initialise_from_data)")
         b, _, h, w = images.shape
-        pixels = images.permute(0, 2, 3, 1).reshape(-1, 3)
+        pixels = images.permute(0, 2, 3, 1).reshape(-1, images.shape[1])
         return nearest_centre(pixels, self.colours).view(b, h, w)
 
     def dequantize(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, H, W) -> images (B, 3, H, W) made of the palette's colours."""
+        """Tokens (B, H, W) -> images (B, C, H, W) made of the palette's colours."""
         return self.colours[tokens].permute(0, 3, 1, 2)

@@ -1,14 +1,15 @@
-"""BEiT-style masked image modelling with colour-palette tokens (after Bao et al. 2022, "BEiT: BERT
+"""BEiT-style masked image modelling with k-means palette tokens (after Bao et al. 2022, "BEiT: BERT
 Pre-Training of Image Transformers").
 
 BEiT masks about 40% of the patches with block-wise masking, feeds *all* positions to the ViT (the
 masked ones as a learned mask token plus their position, unlike MAE, which drops them) and trains a
 linear head to predict the visual tokens of the masked patches, with a cross-entropy on those
 positions only. BEiT's tokens come from DALL-E's discrete VAE; **this method does not use a dVAE**.
-Its tokens are the k-means colour palette of iGPT (``sslbench.backbones.palette``), fitted on training
-pixels before the first step and kept in the checkpoint, hence the name ``beit_palette``.
+Its tokens come from a k-means palette (``sslbench.backbones.palette``): iGPT's colour palette, or a palette of
+patches (``codes`` below), fitted on training images before the first step and kept in the checkpoint, hence the
+name ``beit_palette``.
 
-Two targets (``target``), both palette tokens:
+Three targets (``target``), all k-means tokens:
 
 - ``"pixels"`` (default): the palette index of *every pixel* of a masked patch, i.e. each masked patch is p*p
   classifications over the palette (p = patch size) from one ViT output. It keeps what BEiT's token stands for, the
@@ -18,10 +19,16 @@ Two targets (``target``), both palette tokens:
   grid, the tokens iGPT reads at its 8x8 grid). A mean is a blend that may appear nowhere in the patch, but it
   depends less on the pixels along the patch's border, which sit next to visible ones; the head is p*p times smaller.
   The palette is then fitted on patch means, the colours it will quantise.
+- ``"codes"``: one token per patch from a k-means codebook of *patches*: each patch's p*p*3 values, standardised
+  over themselves as MAE's normalised-pixel target is (``standardise_patches``), quantised to the nearest of
+  ``palette_size`` centres fitted on such vectors. Standardising removes the patch's colour and contrast, so the
+  token names its structure (an edge, a corner, a flat patch), what a dVAE token mostly encodes and what colour
+  tokens can be guessed without: a colour is predictable from the colours around a patch. Still k-means, not a
+  dVAE: the codebook is a palette of patch shapes.
 
-What ``generative_c10_mini.md`` measured: at C10-mini's budget (585 steps) neither target lifts any layer of the ViT
-more than about a point above its random initialisation, whatever the learning rate or mask ratio; the per-patch
-target took half the time per epoch.
+What ``generative_c10_mini.md`` measured: at C10-mini's budget (585 steps) neither colour target lifts any layer of
+the ViT more than about a point above its random initialisation, whatever the learning rate or mask ratio; the
+per-patch target took half the time per epoch.
 
 What differs from BEiT besides the tokens: the ViT has learned absolute positions and no layer scale
 or relative position bias, and gradients are not clipped. What follows it: 40% block-wise masking
@@ -48,7 +55,7 @@ from sslbench.config import check_range
 from sslbench.errors import ConfigError
 from sslbench.methods.base import PretrainMethod, TrainConfig
 from sslbench.methods.masking import (BEIT_MIN_BLOCK_FRACTION, BlockwiseMasking, gather_patches, masked_image_vit,
-                                      patchify)
+                                      patchify, standardise_patches)
 
 
 def palette_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -61,7 +68,11 @@ def palette_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
 
 
-TARGETS = ("pixels", "patches")
+TARGETS = ("pixels", "patches", "codes")
+FLAT_PATCH_VARIANCE = 0.02**2
+"""``eps`` of the ``codes`` target's standardisation, on [0, 1] pixels: a patch whose values vary by less than about
+5 grey levels (standard deviation 0.02) is shrunk towards the flat vector instead of having its noise blown up to
+a random structure (MAE's 1e-6 would)."""
 
 
 @dataclass
@@ -78,7 +89,8 @@ class BEiTPaletteOptions:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     target: str = "pixels"
     """``"pixels"``: the palette token of every pixel of a masked patch; ``"patches"``: one token per patch, that of
-    its mean colour (see the module docstring)."""
+    its mean colour; ``"codes"``: one token per patch from a k-means codebook of standardised patches (see the module
+    docstring)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
@@ -118,9 +130,9 @@ class BEiTPalette(PretrainMethod):
         self.masking = BlockwiseMasking(grid, grid, num_masked, min_block)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.palette = ColourPalette(o.palette_size)
-        # Target tokens per patch side: one per pixel, or one for the whole patch.
+        # Target tokens per patch side: one per pixel, or one for the whole patch; a code quantises all p*p*3 values.
         self.tokens_per_side = encoder.patch_size if o.target == "pixels" else 1
+        self.palette = ColourPalette(o.palette_size, 3 * encoder.patch_size**2 if o.target == "codes" else 3)
         self.head = nn.Linear(encoder.dim, self.tokens_per_side ** 2 * o.palette_size)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -133,20 +145,29 @@ class BEiTPalette(PretrainMethod):
         Under DDP every process fits it from the same images and seed on the CPU, so all get the same palette.
         """
         o = self.options
-        pixels = sample_pixels(images, o.palette_pixels, generator, self.token_resolution)
+        pixels = sample_pixels(images, o.palette_pixels, generator, self.token_images)
         self.palette.fit(pixels, o.palette_iterations, generator)
 
-    def token_resolution(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images at the resolution the target quantises: as they are (``pixels``) or averaged per patch."""
-        cell = self.encoder.patch_size // self.tokens_per_side
-        return images if cell == 1 else F.avg_pool2d(images, cell)
+    def token_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Float images -> what the target quantises, one vector per token position (B, C, h, w): the pixels
+        (``pixels``), the patch means (``patches``), or every patch's p*p*3 values, standardised (``codes``)."""
+        p, target = self.encoder.patch_size, self.options.target
+        if target == "pixels":
+            return images
+        if target == "patches":
+            return F.avg_pool2d(images, p)
+        vectors = standardise_patches(patchify(images.float(), p), FLAT_PATCH_VARIANCE)
+        return vectors.transpose(1, 2).unflatten(2, (images.shape[-2] // p, images.shape[-1] // p))
 
     def target_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Every patch's target tokens (B, N, P), P = ``tokens_per_side ** 2``, patches in raster order."""
-        return patchify(self.palette.quantize(self.token_resolution(images)).unsqueeze(1), self.tokens_per_side)
+        return patchify(self.palette.quantize(self.token_images(images)).unsqueeze(1), self.tokens_per_side)
 
     def export_meta(self) -> dict[str, Any]:
-        size = self.options.palette_size
+        size, target, p = self.options.palette_size, self.options.target, self.encoder.patch_size
+        if target == "codes":
+            return {"label": f"{self.name}[codes,k={size}]",
+                    "tokenizer": f"k-means codebook of {size} standardised {p}x{p} patches, not a dVAE"}
         return {"label": f"{self.name}[k={size}]", "tokenizer": f"k-means colour palette of {size} colours, not a dVAE"}
 
     def encode_masked(self, images: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:

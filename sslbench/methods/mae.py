@@ -40,7 +40,8 @@ from sslbench.backbones.vit import VIT_PRESETS, VisionTransformer, sincos_positi
 from sslbench.config import check_range
 from sslbench.errors import ConfigError
 from sslbench.methods.base import PretrainMethod, TrainConfig
-from sslbench.methods.masking import masked_image_vit, patchify, random_keep_indices, uniform_keep_indices
+from sslbench.methods.masking import (masked_image_vit, patchify, random_keep_indices, standardise_patches,
+                                      uniform_keep_indices)
 
 MASKINGS = ("random", "uniform")
 UNIFORM_MASK_RATIO = 0.75
@@ -57,7 +58,7 @@ def mae_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     """
     target = target.float()
     if norm_pix:
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        target = standardise_patches(target, 1e-6)
     per_patch = (prediction.float() - target).pow(2).mean(-1)
     return (per_patch * mask).sum() / mask.sum()
 

@@ -46,6 +46,12 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
+def standardise_patches(patches: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each patch vector (..., D) less its own mean, over its own (unbiased) standard deviation: MAE's normalised
+    pixels, ``(x - mean) / sqrt(var + eps)``. What is left of a patch is its structure, not its colour or contrast."""
+    return (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + eps).sqrt()
+
+
 def unpatchify(patches: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
     """The inverse of ``patchify`` for ``height`` x ``width`` images."""
     b, _, dim = patches.shape

@@ -145,6 +145,49 @@ def test_the_patch_palette_is_fitted_on_patch_means():
 
 
 @torch.no_grad()
+def test_code_targets_name_a_patch_by_its_structure_not_its_colour_or_contrast():
+    method = build_beit(target="codes", palette_size=3)
+    assert method.head.out_features == 3 and method.palette.colours.shape == (3, 48)
+    # Three codes: a flat patch, a vertical edge (left half dark), a horizontal edge (top half dark), as the
+    # standardised vectors of 4x4 RGB patches (values in (row, column, channel) order, as patchify lays them out).
+    vertical = torch.zeros(3, 4, 4)
+    vertical[:, :, 2:] = 1.0
+    horizontal = vertical.transpose(1, 2)
+    shapes = torch.stack([vertical, horizontal]).permute(0, 2, 3, 1).flatten(1)
+    method.palette.colours.copy_(torch.cat([torch.zeros(1, 48), (shapes - 0.5) / shapes.var(1, keepdim=True).sqrt()]))
+    images = torch.full((1, 3, 16, 16), 0.3)
+    images[0, :, 0:4, 2:4] = 0.9  # patch (0, 0): a grey vertical edge
+    images[0, :, 0:4, 6:8] = torch.tensor([0.5, 0.4, 0.45])[:, None, None]  # patch (0, 1): a fainter, tinted one
+    images[0, :, 4:6, 8:12] = 0.1  # patch (1, 2): a dark top over light grey, a horizontal edge
+    images[0, :, 12:16, 12:16] = torch.rand(3, 4, 4) * 0.01  # patch (3, 3): dark, with noise below 3 grey levels
+    tokens = method.target_tokens(images)
+    expected = torch.zeros(16, dtype=torch.long)
+    expected[0], expected[1], expected[6] = 1, 1, 2  # the same token at any colour or contrast; flat patches 0
+    assert tokens.shape == (1, 16, 1) and torch.equal(tokens[0, :, 0], expected)
+
+
+def test_the_code_palette_is_fitted_on_standardised_patches():
+    # Every patch of every image holds one of two shapes (a vertical or a horizontal edge) at a random colour and
+    # contrast: the codebook is those two shapes, standardised, whatever the colours.
+    generator = torch.Generator().manual_seed(0)
+    edge = torch.zeros(4, 4)
+    edge[:, 2:] = 1.0
+    kinds = torch.randint(0, 2, (8, 4, 4), generator=generator)
+    low = torch.rand(8, 3, 4, 4, generator=generator) * 0.4
+    high = low + 0.2 + torch.rand(8, 3, 4, 4, generator=generator) * 0.4
+    shape = torch.where(kinds.bool()[..., None, None], edge.t(), edge)  # (8, 4, 4, 4, 4): image, patch row/col, pixel
+    values = low[..., None, None] + (high - low)[..., None, None] * shape.unsqueeze(1)
+    images = (values.permute(0, 1, 2, 4, 3, 5).reshape(8, 3, 16, 16) * 255).round().to(torch.uint8)
+    method = BEiTPalette(NANO_16, BEiTPaletteOptions(**{**TINY, "target": "codes", "palette_size": 2}), TrainConfig(),
+                         image_size=16, steps_per_epoch=1)
+    method.initialise_from_data(images, torch.Generator().manual_seed(0))
+    # Each code is one edge in every channel: above the patch mean where the edge is bright, below it elsewhere.
+    signs = {tuple(code.sign().flatten().tolist()) for code in method.palette.colours.view(2, 4, 4, 3)}
+    assert signs == {tuple((shape * 2 - 1)[..., None].expand(4, 4, 3).flatten().tolist()) for shape in (edge, edge.t())}
+    assert method.export_meta()["tokenizer"] == "k-means codebook of 2 standardised 4x4 patches, not a dVAE"
+
+
+@torch.no_grad()
 def test_the_vit_sees_the_mask_token_at_masked_patches_not_their_pixels():
     method = build_beit()
     images = torch.rand(2, 3, 16, 16)

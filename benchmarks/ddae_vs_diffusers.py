@@ -18,7 +18,12 @@ and ``up1.1`` (the last decoder ResBlock at stride 2; diffusers' ``up_blocks[1].
 returns the blocks and stops after the last one it needs; diffusers' blocks are read with forward hooks over a full
 forward pass, as DDAE's official code reads its U-Net. Each model at random init (seed 0) is scored at its best cell.
 
+``--unet small-lean`` trains sslbench's ``unet-small-lean`` instead: the same channels, attention and encoder, and a
+lean decoder (one ResBlock per level, no convolution after upsampling; 754,531 parameters). Its second block is then
+``up1.0``, the last decoder ResBlock at stride 2.
+
     python benchmarks/ddae_vs_diffusers.py --data-root DIR --report benchmarks/results/ddae_speed.md --json FILE
+    python benchmarks/ddae_vs_diffusers.py --data-root DIR --report FILE --unet small-lean   # sslbench's lean decoder
     python benchmarks/ddae_vs_diffusers.py --data-root DIR --report /tmp/smoke.md --limit 256 --epochs 1 --queries 256
 
 DIR holds ``cifar-10-batches-py/`` (``python ../shared/data/materialize.py DIR cifar10``). ``--precision`` is
@@ -58,10 +63,27 @@ LEVELS = (11, 51, 101)
 BLOCKS = ("mid", "up1.1")
 DIFFUSERS_BLOCKS = {"mid": ("mid_block", 4), "up1.1": ("up_blocks.1.resnets.1", 2)}
 """sslbench block name -> (the diffusers module with the same output, its stride)."""
-SMALL = backbone_spec("unet-small")
-RECIPE = dict(backbone={**SMALL, "unet": {**SMALL["unet"], "init": "pytorch"}}, options={"readout_t": LEVELS[0], "readout_block": "mid"},
-              train={"batch_size": 128, "optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0})
-"""sslbench's side; the diffusers loop reads its batch size and optimiser settings from it too."""
+UNETS = ("small", "small-lean")
+"""sslbench's U-Net presets this benchmark trains: ``small`` is diffusers' network layer for layer; ``small-lean`` has
+the same channels and a lean decoder (one ResBlock per level, no convolution after upsampling)."""
+
+
+def recipe(unet: str = "small") -> dict[str, Any]:
+    """sslbench's side; the diffusers loop reads its batch size and optimiser settings from it too."""
+    spec = backbone_spec(f"unet-{unet}")
+    return dict(backbone={**spec, "unet": {**spec["unet"], "init": "pytorch"}}, options={"readout_t": LEVELS[0], "readout_block": "mid"},
+                train={"batch_size": 128, "optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0})
+
+
+RECIPE = recipe()
+
+
+def readout_blocks(library: str, backbone: dict[str, Any]) -> tuple[str, ...]:
+    """The two blocks read: ``mid`` and the last decoder ResBlock at stride 2 (``up1.1`` in diffusers' layout)."""
+    if library == "diffusers":
+        return BLOCKS
+    names = build_encoder(backbone).unet.block_names()
+    return ("mid", [name for name in names if name.startswith("up1.") and name != "up1.up"][-1])
 
 
 def diffusers_unet() -> nn.Module:
@@ -177,10 +199,11 @@ class DiffusersReadout(nn.Module):
         self.t, self.noise_seed = t, noise_seed
 
 
-def readout_encoder(library: str, state: dict[str, Any] | None) -> nn.Module:
-    """The library's U-Net with the given weights (numpy arrays), or at random init (seed 0) when ``state`` is None."""
+def readout_encoder(library: str, state: dict[str, Any] | None, backbone: dict[str, Any] = RECIPE["backbone"]) -> nn.Module:
+    """The library's U-Net with the given weights (numpy arrays), or at random init (seed 0) when ``state`` is None;
+    ``backbone`` is sslbench's."""
     torch.manual_seed(0)
-    encoder = build_encoder(RECIPE["backbone"]) if library == "sslbench" else DiffusersReadout(diffusers_unet())
+    encoder = build_encoder(backbone) if library == "sslbench" else DiffusersReadout(diffusers_unet())
     if state is not None:
         target = encoder if library == "sslbench" else encoder.unet.model
         target.load_state_dict({name: torch.from_numpy(value) for name, value in state.items()})
@@ -197,19 +220,20 @@ class Readout:
     random_init_top1: float
 
 
-def read_out(library: str, state: dict[str, Any], train, test, probe: ProbeConfig) -> Readout:
-    """The grid over ``LEVELS`` x ``BLOCKS``; extraction time is the study's time minus its kNN votes."""
+def read_out(library: str, state: dict[str, Any], train, test, probe: ProbeConfig, backbone: dict[str, Any]) -> Readout:
+    """The grid over ``LEVELS`` x ``readout_blocks``; extraction time is the study's time minus its kNN votes."""
     start = time.perf_counter()
-    cells = run_study(readout_encoder(library, state), train, test, list(LEVELS), list(BLOCKS), "knn", probe)
+    blocks = list(readout_blocks(library, backbone))
+    cells = run_study(readout_encoder(library, state, backbone), train, test, list(LEVELS), blocks, "knn", probe)
     extraction_seconds = time.perf_counter() - start - sum(cell.seconds for cell in cells)
     best = max(cells, key=lambda cell: cell.top1)
-    random_init = run_study(readout_encoder(library, None), train, test, [best.t], [best.block], "knn", probe)[0].top1
+    random_init = run_study(readout_encoder(library, None, backbone), train, test, [best.t], [best.block], "knn", probe)[0].top1
     return Readout(cells, best, (len(train) + len(test)) * len(LEVELS) / extraction_seconds, random_init)
 
 
 # --- report ------------------------------------------------------------------------------------------
-def parameter_count(library: str) -> int:
-    model = readout_encoder(library, None)
+def parameter_count(library: str, backbone: dict[str, Any]) -> int:
+    model = readout_encoder(library, None, backbone)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -225,7 +249,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         values = {(cell["t"], cell["block"]): cell["top1"] for cell in model["grid"]}
         best = (model["best"]["t"], model["best"]["block"])
         lines = [f"| {name}: block \\ t | " + " | ".join(str(t) for t in LEVELS) + " |", "|---" * (len(LEVELS) + 1) + "|"]
-        for block in BLOCKS:
+        for block in model["blocks"]:
             lines.append(f"| {block} | " + " | ".join(f"{values[(t, block)]:.2%}" + ("*" if (t, block) == best else "")
                                                       for t in LEVELS) + " |")
         return lines
@@ -239,8 +263,12 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"- Precision: sslbench `{ours['precision']}`, diffusers `{theirs['precision']}`"
         + (" (bf16 autocast is the engine's GPU default; on the CPU sslbench takes it from `--precision`)."
            if ours["precision"] != theirs["precision"] else "."),
-        "- Same network on both sides (32/64/64 channels, 1 ResBlock per encoder level, 2 per decoder level, one-head",
-        "  attention at 8x8 and in the middle block, GroupNorm 32), same seed, images, batch order, flip, DDPM loss",
+        *(["- Same network on both sides (32/64/64 channels, 1 ResBlock per encoder level, 2 per decoder level, one-head",
+            "  attention at 8x8 and in the middle block, GroupNorm 32), same seed, images, batch order, flip, DDPM loss"]
+          if report["unet"] == "small" else
+          [f"- Same channels on both sides (32/64/64, 1 ResBlock per encoder level, one-head attention at 8x8 and in the",
+           "  middle block, GroupNorm 32); diffusers' decoder has 2 ResBlocks per level and a conv after each upsampling,",
+           f"  sslbench's `unet-{report['unet']}` 1 and none. Same seed, images, batch order, flip, DDPM loss"]),
         "  (T = 1000 linear betas), batch 128, AdamW 2e-4, cosine, EMA 0.9999 with warm-up; epochs alternate A B, B A.",
         "- Readout of the EMA weights, one code for both: noise level t, block map averaged over space, weighted kNN",
         f"  (k = 200, T = 0.1), bank = {report['bank']} training images, {report['queries']} test queries; sslbench stops",
@@ -275,7 +303,9 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16-mixed", choices=("bf16-mixed", "32-true"), help="sslbench's engine precision.")
     parser.add_argument("--diffusers-precision", default="32-true", choices=("bf16-mixed", "32-true"))
     parser.add_argument("--out", type=Path, default=Path("runs/ddae_vs_diffusers"))
+    parser.add_argument("--unet", default="small", choices=UNETS, help="sslbench's U-Net preset (channels 32/64/64 in both).")
     args = parser.parse_args()
+    sslbench_recipe = recipe(args.unet)
     if args.limit is not None and args.limit < RECIPE["train"]["batch_size"]:
         parser.error(f"--limit {args.limit} leaves no full batch of {RECIPE['train']['batch_size']}; use --limit 128 or more")
 
@@ -287,14 +317,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     settings = SideBySideSettings(args.data_root, args.epochs, args.limit, args.threads, args.out, method="ddae",
-                                  recipe=RECIPE, precision=args.precision, knn_at=(), diffusers_precision=args.diffusers_precision)
+                                  recipe=sslbench_recipe, precision=args.precision, knn_at=(), diffusers_precision=args.diffusers_precision)
     train = training_images(settings)
     test = load_dataset("cifar10", args.data_root, "test", limit=args.queries)
     probe = ProbeConfig(seed=0, device="cpu", knn_k=200, knn_temperature=0.1)
     readouts: dict[str, Readout] = {}
 
     def evaluate(name: str, state: dict[str, Any]) -> float:
-        readouts[name] = read_out(name, state, train, test, probe)
+        readouts[name] = read_out(name, state, train, test, probe, sslbench_recipe["backbone"])
         return readouts[name].best.top1
 
     runs = run_side_by_side(settings, evaluate, WORKERS)
@@ -305,13 +335,14 @@ def main() -> None:
         "machine": f"{cpu_model()}, {os.cpu_count()} cores visible, {args.threads} torch threads per side",
         "versions": f"sslbench {sslbench.__version__}, diffusers {diffusers.__version__}, torch {torch.__version__}, "
                     f"lightning {lightning.__version__}, Python {platform.python_version()}",
-        "date": str(date.today()), "bank": len(train), "queries": len(test),
+        "date": str(date.today()), "unet": args.unet, "bank": len(train), "queries": len(test),
         "floors": {"raw pixels": raw_pixel_knn(train, test, probe)}, "models": {},
     }
     for name in LIBRARIES:
         run, readout = runs[name], readouts[name]
         report["models"][name] = {
-            "parameters": parameter_count(name), "precision": args.precision if name == "sslbench" else args.diffusers_precision,
+            "parameters": parameter_count(name, sslbench_recipe["backbone"]), "blocks": readout_blocks(name, sslbench_recipe["backbone"]),
+            "precision": args.precision if name == "sslbench" else args.diffusers_precision,
             "epoch_seconds": run.epoch_seconds, "images_per_second": run.images_per_second,
             "seconds_per_epoch": run.seconds_per_epoch, "peak_rss_mb": run.peak_rss_mb, "losses": run.losses,
             "final_loss": run.losses[-1], "extraction_images_per_second": readout.extraction_images_per_second,

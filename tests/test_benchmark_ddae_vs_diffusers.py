@@ -145,3 +145,12 @@ def test_both_sides_start_from_pytorch_default_initialisation(bench):
     assert bench.RECIPE["backbone"]["unet"]["init"] == "pytorch"
     encoder = bench.readout_encoder("sslbench", None)
     assert torch.count_nonzero(encoder.unet.out.conv.weight) == encoder.unet.out.conv.weight.numel()
+
+
+def test_the_lean_unet_is_read_at_the_same_places(bench):
+    small, lean = bench.recipe("small")["backbone"], bench.recipe("small-lean")["backbone"]
+    assert small == bench.RECIPE["backbone"] and lean["unet"]["init"] == "pytorch"
+    assert bench.readout_blocks("sslbench", small) == bench.readout_blocks("diffusers", small) == ("mid", "up1.1")
+    assert bench.readout_blocks("sslbench", lean) == ("mid", "up1.0")
+    encoder = bench.readout_encoder("sslbench", None, lean)
+    assert encoder.unet.block_stride("up1.0") == 2 and bench.parameter_count("sslbench", lean) == 754_531

@@ -51,6 +51,15 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (2,)
     dropout: float = 0.1
     groups: int = 32
+    decoder_res_blocks: int | None = None
+    """ResBlocks per decoder level; ``None`` is DDPM's ``num_res_blocks + 1``, one for each skip connection of the
+    level (its encoder ResBlocks' outputs and the map that entered it). Fewer blocks read the deepest skips of their
+    level and leave the rest unused: at 32x32 the decoder holds most of the U-Net's work, while DDAE reads features
+    from the encoder, middle or early decoder blocks."""
+    upsample_conv: bool = True
+    """DDPM's 3x3 convolution after each nearest-neighbour upsampling; ``False`` upsamples only (the decoder ResBlock
+    that follows convolves the map anyway). The convolution runs at the finer resolution with the coarser level's
+    channels: 15% of unet-small's multiply-adds for the one at 32x32."""
     init: str = "ddpm"
     """``ddpm``: the DDPM paper's initialisation (see ``UNet.reset_parameters``); ``pytorch``: each layer's framework
     default, as diffusers' ``UNet2DModel`` starts. On short CPU runs ``pytorch`` learns much faster: 3 epochs of
@@ -70,6 +79,9 @@ class UNetConfig:
         channels = {self.base_channels * m for m in self.channel_mults}
         if bad := sorted(c for c in channels if c % self.groups):
             raise ConfigError(f"UNet groups={self.groups} does not divide channels {bad}; pick groups dividing every level's channels")
+        if self.decoder_res_blocks is not None and not 1 <= self.decoder_res_blocks <= self.num_res_blocks + 1:
+            raise ConfigError(f"UNet decoder_res_blocks={self.decoder_res_blocks} is out of range; use 1 to "
+                              f"num_res_blocks + 1 = {self.num_res_blocks + 1}, or leave it unset (DDPM's)")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"UNet dropout {self.dropout} is out of range; use a value in [0, 1)")
         if self.init not in ("ddpm", "pytorch"):
@@ -83,6 +95,11 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     # the layout and parameter count of diffusers' UNet2DModel(block_out_channels=(32, 64, 64), layers_per_block=1)
     # with (Attn)Down/UpBlock2D at the last level, the DDAE C10-mini reference. No dropout: a short CPU run underfits, and dropout costs ~20% of a bf16 step.
     "small": UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0, groups=32),
+    # "small" with a lean decoder at the same channels, 0.75M parameters: one ResBlock per decoder level, reading
+    # the deepest skip, and no convolution after upsampling. 1.5x the bf16 training steps per second of "small" on
+    # one CPU core (benchmarks/results/speed.md). A new preset, so it starts from PyTorch's layer defaults.
+    "small-lean": UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0,
+                             groups=32, decoder_res_blocks=1, upsample_conv=False, init="pytorch"),
     # The DDPM CIFAR-10 model, 35.7M parameters (Ho et al. 2020; the DDAE CIFAR-10 DDPM backbone).
     "ddpm_cifar10": UNetConfig(base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(2,), dropout=0.1, groups=32),
 }
@@ -183,9 +200,9 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, conv: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if conv else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -211,6 +228,8 @@ class _Step:
     role: int
     stride: int
     channels: int
+    skip: int | None = None
+    """For a decoder ResBlock: the index of the encoder output it concatenates (in the order they were made)."""
 
 
 class UNet(nn.Module):
@@ -252,16 +271,20 @@ class UNet(nn.Module):
         steps.append(_Step("mid", _MID, 2 ** (levels - 1), channels))
 
         decoder = {}
+        per_level = config.num_res_blocks + 1  # skip connections per level
+        decoder_blocks = config.decoder_res_blocks or per_level
         for level in reversed(range(levels)):
             stride, out_channels = 2**level, base * config.channel_mults[level]
+            # The encoder made per_level maps at this level's resolution; its decoder ResBlocks read the deepest first.
+            level_skips = range(per_level * (level + 1) - 1, per_level * level - 1, -1)
             blocks = nn.ModuleDict()
-            for i in range(config.num_res_blocks + 1):
-                in_channels = channels + skip_channels.pop()
+            for i, skip in enumerate(level_skips[:decoder_blocks]):
+                in_channels = channels + skip_channels[skip]
                 blocks[str(i)] = ResBlock(in_channels, out_channels, time_channels, dropout, groups, stride in config.attention_resolutions)
                 channels = out_channels
-                steps.append(_Step(f"up{level}.{i}", _UP_RES, stride, channels))
+                steps.append(_Step(f"up{level}.{i}", _UP_RES, stride, channels, skip))
             if level > 0:
-                blocks["up"] = Upsample(channels)
+                blocks["up"] = Upsample(channels, config.upsample_conv)
                 steps.append(_Step(f"up{level}.up", _UP, stride // 2, channels))
             decoder[level] = blocks
         # decoder[l] works at the resolution of encoder[l], so parameter names line up with block names.
@@ -347,7 +370,7 @@ class UNet(nn.Module):
             if role in (_DOWN_RES, _MID):
                 h = module(h, time_act)
             elif role == _UP_RES:
-                h = module(torch.cat([h, skips.pop()], dim=1), time_act)
+                h = module(torch.cat([h, skips[step.skip]], dim=1), time_act)
             else:
                 h = module(h)
             if role in (_IN, _DOWN_RES, _DOWN):

@@ -39,6 +39,7 @@ def test_preset_sizes():
     with torch.device("meta"):
         assert count(UNet(UNET_PRESETS["tiny"])) < 300_000
         assert round(count(UNet(UNET_PRESETS["small"])) / 1e6, 1) == 1.1
+        assert count(UNet(UNET_PRESETS["small-lean"])) == 754_531
 
 
 def test_forward_predicts_noise_of_the_input_shape():
@@ -169,7 +170,42 @@ def test_timestep_embedding_is_sinusoidal():
     assert torch.isclose(emb[1, 0], torch.sin(torch.tensor(3.0)))  # the first frequency is 1
 
 
+def decoder_inputs(unet: UNet, x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each decoder ResBlock concatenates, caught at its input: block name -> (B, C, H, W)."""
+    caught: dict[str, torch.Tensor] = {}
+    handles = [unet.decoder[int(name[2])][name.split(".")[1]].register_forward_pre_hook(
+        lambda module, inputs, name=name: caught.__setitem__(name, inputs[0]))
+        for name in unet.block_names() if name.startswith("up") and not name.endswith(".up")]
+    unet(x, t)
+    for handle in handles:
+        handle.remove()
+    return caught
+
+
+@torch.no_grad()
+def test_each_decoder_resblock_concatenates_a_skip_of_its_level_deepest_first():
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    # DDPM's decoder (num_res_blocks + 1 blocks per level) reads every skip: at level 0, down0.0, then the input conv.
+    unet = random_unet(UNET_PRESETS["tiny"])
+    inputs, outputs = decoder_inputs(unet, x, t), unet.forward_features(x, t, unet.block_names())
+    for block, skip in [("up2.0", "down2.0"), ("up2.1", "down1.down"), ("up1.0", "down1.0"), ("up1.1", "down0.down"),
+                        ("up0.0", "down0.0"), ("up0.1", "in")]:
+        assert torch.equal(inputs[block][:, -unet.block_channels(skip):], outputs[skip]), block
+    # A lean decoder: one ResBlock per level reads the deepest skip; upsampling is nearest-neighbour only.
+    lean = random_unet(UNetConfig(**{**unet_config_dict(UNET_PRESETS["tiny"]), "decoder_res_blocks": 1, "upsample_conv": False}))
+    assert lean.block_names() == ["in", "down0.0", "down0.down", "down1.0", "down1.down", "down2.0", "mid",
+                                  "up2.0", "up2.up", "up1.0", "up1.up", "up0.0", "out"]
+    inputs, outputs = decoder_inputs(lean, x, t), lean.forward_features(x, t, lean.block_names())
+    for block, previous, skip in [("up2.0", "mid", "down2.0"), ("up1.0", "up2.up", "down1.0"), ("up0.0", "up1.up", "down0.0")]:
+        assert torch.equal(inputs[block], torch.cat([outputs[previous], outputs[skip]], 1)), block
+    assert torch.equal(outputs["up1.up"], torch.nn.functional.interpolate(outputs["up1.0"], scale_factor=2.0, mode="nearest"))
+    assert count(lean.decoder[1]["up"]) == 0 and count(lean) < count(unet)
+    assert lean(x, t).shape == x.shape
+
+
 def test_config_validation_and_json_round_trip():
+    with pytest.raises(ConfigError, match="decoder_res_blocks=3 is out of range"):
+        UNetConfig(num_res_blocks=1, decoder_res_blocks=3)
     with pytest.raises(ConfigError, match="attention_resolutions"):
         UNetConfig(channel_mults=(1, 2), attention_resolutions=(4,))
     with pytest.raises(ConfigError, match="groups"):

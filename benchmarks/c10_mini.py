@@ -23,6 +23,7 @@ DIR holds ``cifar-10-batches-py/`` (``python ../shared/data/materialize.py DIR c
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import platform
@@ -31,6 +32,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import lightning
 import torch
@@ -183,18 +185,42 @@ def linear_top1(encoder: Encoder, train: ImageSet, test: ImageSet, probe: ProbeC
     return ClassificationTask().evaluate(encoder, train, test, "linear", probe)["top1"]
 
 
-def split_overrides(pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """``KEY=VALUE`` strings -> (training settings, method options); the engine type-checks both."""
+def split_overrides(pairs: list[str]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """``KEY=VALUE`` strings -> (training settings, method options, backbone keys); the engine type-checks the first
+    two. A backbone key is written ``backbone.KEY`` (``backbone.pool=mean``, ``backbone.unet.init=pytorch``)."""
     from sslbench.methods import TrainConfig
 
     train_keys = {field.name for field in dataclasses.fields(TrainConfig)}
-    train, options = {}, {}
+    train, options, backbone = {}, {}, {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"--set {pair!r}: write KEY=VALUE, e.g. --set lr=0.1")
-        (train if key in train_keys else options)[key] = value
-    return train, options
+        if key.startswith("backbone."):
+            backbone[key.removeprefix("backbone.")] = value
+        else:
+            (train if key in train_keys else options)[key] = value
+    return train, options, backbone
+
+
+def set_backbone_keys(spec: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
+    """A copy of the backbone ``spec`` with dotted ``keys`` set; values are read as JSON where they parse
+    (``0.5``, ``true``, ``[1, 2]``), else kept as strings (``mean``). A new key may be added (``build_encoder``
+    rejects one its backbone does not take); a path through a key that is not a section is an error."""
+    spec = copy.deepcopy(spec)
+    for dotted, raw in keys.items():
+        *parents, last = dotted.split(".")
+        node = spec
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise SystemExit(f"--set backbone.{dotted}: the recipe's backbone has no section {'.'.join(parents)}; "
+                             f"it is {json.dumps(spec)}")
+        try:
+            node[last] = json.loads(raw)
+        except json.JSONDecodeError:
+            node[last] = raw
+    return spec
 
 
 def main() -> None:
@@ -214,9 +240,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="Smoke test, not the protocol: first N training and first N test images only.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="Change the recipe: a training setting (lr, warmup_epochs, ...) or a method option.")
+                        help="Change the recipe: a training setting (lr, warmup_epochs, ...), a method option, or a "
+                             "backbone key as backbone.KEY (backbone.pool=mean, backbone.unet.init=pytorch).")
     args = parser.parse_args()
-    train_overrides, option_overrides = split_overrides(args.overrides)
+    train_overrides, option_overrides, backbone_overrides = split_overrides(args.overrides)
     largest_batch = max(RECIPES[method]["train"]["batch_size"] for method in args.methods)
     if args.limit is not None and args.limit < largest_batch:
         parser.error(f"--limit {args.limit} leaves no full batch of {largest_batch} (batches drop the last partial one); "
@@ -242,7 +269,8 @@ def main() -> None:
     print(json.dumps(report["floors"], indent=1), flush=True)
     for method in args.methods:
         recipe = RECIPES[method]
-        recipe = {**recipe, "options": {**recipe["options"], **option_overrides}, "train": {**recipe["train"], **train_overrides}}
+        recipe = {**recipe, "backbone": set_backbone_keys(recipe["backbone"], backbone_overrides),
+                  "options": {**recipe["options"], **option_overrides}, "train": {**recipe["train"], **train_overrides}}
         monitor = KnnAtEpochs(sorted({e for e in args.knn_at if e <= args.epochs} | {args.epochs}), train, test, probe)
         out = args.out / method
         shutil.rmtree(out, ignore_errors=True)

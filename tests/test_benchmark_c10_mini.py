@@ -75,3 +75,16 @@ def test_limit_smoke_run_reports_that_it_is_not_the_protocol(c10_mini, tmp_path,
     assert set(run["knn_top1"]) == {"1"} and 0.0 <= run["knn_top1"]["1"] <= 1.0
     assert 0.0 <= run["linear_top1"] <= 1.0
     assert set(result["floors"]) == {"raw pixels", "random init (simclr backbone)", "random init (simclr backbone), linear"}
+
+
+def test_set_reaches_training_settings_method_options_and_backbone_keys(c10_mini):
+    train, options, backbone = c10_mini.split_overrides(["lr=0.1", "target=codes", "backbone.pool=mean",
+                                                         "backbone.unet.init=pytorch", "backbone.unet.channel_mults=[1, 2]"])
+    assert (train, options) == ({"lr": "0.1"}, {"target": "codes"})
+    spec = c10_mini.RECIPES["ddae"]["backbone"]
+    changed = c10_mini.set_backbone_keys(spec, {key: value for key, value in backbone.items() if key.startswith("unet.")})
+    assert changed["unet"]["init"] == "pytorch" and changed["unet"]["channel_mults"] == [1, 2]
+    assert spec["unet"]["channel_mults"] != [1, 2]  # the recipe itself is untouched
+    assert c10_mini.set_backbone_keys(c10_mini.RECIPES["mae"]["backbone"], {"pool": "mean"})["pool"] == "mean"
+    with pytest.raises(SystemExit, match="backbone.unet.x.y: the recipe's backbone has no section unet.x"):
+        c10_mini.set_backbone_keys(spec, {"unet.x.y": "1"})

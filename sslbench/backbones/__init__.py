@@ -116,7 +116,13 @@ def build_encoder(spec: dict[str, Any], pretrained: bool = True) -> Encoder:
         raise ConfigError(f"unknown backbone {name!r}; use one of {', '.join(sorted(BACKBONES))}")
     if not pretrained and spec.get("pretrained"):
         spec = {**spec, "pretrained": False}
-    return BACKBONES[name](spec)
+    try:
+        return BACKBONES[name](spec)
+    except TypeError as error:  # a constructor called with a key it does not take: a typo in a spec, or a stale one
+        if "unexpected keyword argument" not in str(error):
+            raise
+        raise ConfigError(f"backbone spec {spec} has a key that backbone {name!r} does not take ({error}); "
+                          "remove the key or correct its spelling") from None
 
 
 __all__ = ["BACKBONES", "Encoder", "Features", "backbone_spec", "build_encoder"]

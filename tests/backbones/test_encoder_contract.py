@@ -64,6 +64,12 @@ def test_unknown_backbone_is_a_config_error(name):
         build_encoder(backbone_spec(name))
 
 
+@pytest.mark.parametrize("name", ["resnet18", "vit-nano"])
+def test_a_spec_key_the_backbone_does_not_take_is_a_config_error(name):
+    with pytest.raises(ConfigError, match="has a key that backbone .* does not take .*poool.*correct its spelling"):
+        build_encoder({**backbone_spec(name), "poool": "mean"})
+
+
 def test_bad_width_is_a_config_error():
     with pytest.raises(ConfigError, match="width"):
         build_encoder(backbone_spec("resnet18", -1.0))

@@ -67,6 +67,8 @@ def pretrain(
     stream: bool = typer.Option(False, "--stream", help="Decode a --data folder from disk batch by batch in loader workers "
                                 "instead of loading it into memory, for folders larger than RAM (needs --image-size; "
                                 "every epoch decodes the images again)."),
+    loader_workers: Optional[int] = typer.Option(None, help="Processes decoding a --stream folder (default: the CPU "
+                                                 "cores, at most 8); 0 decodes in the training process."),
 ) -> None:
     """Pretrain an encoder with a self-supervised method and export it."""
     from sslbench.backbones import backbone_spec
@@ -91,6 +93,11 @@ def pretrain(
         if value is not None:
             train[key] = value
     train["seed"] = seed
+    if loader_workers is not None and loader_workers < 0:
+        raise ConfigError(f"option --loader-workers={loader_workers} is out of range; use 0 (decode in the training process) or more")
+    if loader_workers is not None and not stream:
+        raise ConfigError("--loader-workers applies to --stream only: data in memory is gathered in the training process; "
+                          "drop --loader-workers or add --stream")
     entry = dataset_entry(data)
     if stream:
         images, masks = stream_dataset(data, data_root, entry.train_split, image_size, limit), None
@@ -103,7 +110,8 @@ def pretrain(
     spec = backbone_spec(backbone, width, size) if backbone else None
     result = run_pretrain(method, images, RunConfig(out=out, devices=devices, strategy=strategy, num_nodes=num_nodes,
                                                     precision=precision, resume=resume, compile=compile,
-                                                    data_on_device=data_on_device),
+                                                    data_on_device=data_on_device,
+                                                    **({} if loader_workers is None else {"loader_workers": loader_workers})),
                           backbone=spec, options=options, train=train, info={"data": data, "train_images": len(images)},
                           masks=masks)
     typer.echo(f"{method}: {len(result.epoch_seconds)} epochs this run, {result.images_per_second:.0f} images/s, "

@@ -21,6 +21,9 @@ from PIL import Image
      "--stream reads a folder of image files and works with --data folder only; drop --stream to load cifar10 in memory"),
     (["pretrain", "--method", "simclr", "--data", "folder", "--data-root", "x", "--stream"],
      "--stream needs --image-size: every streamed image is decoded and resized to that square size"),
+    (["pretrain", "--method", "simclr", "--loader-workers", "2"], "--loader-workers applies to --stream only"),
+    (["pretrain", "--method", "simclr", "--data", "folder", "--data-root", "x", "--stream", "--image-size", "16",
+      "--loader-workers", "-1"], "--loader-workers=-1 is out of range"),
     (["eval", "--task", "depthh", "--random"], "unknown task 'depthh'"),
     (["eval", "--task", "depth", "--protocol", "knn", "--random"], "task depth has no protocol 'knn'"),
     (["eval", "--task", "depth", "--data", "cifar10", "--random"], "dataset cifar10 has no labels for task depth"),
@@ -66,7 +69,7 @@ def test_pretrain_streams_a_folder(run_cli, monkeypatch, capsys, tmp_path):
         Image.new("RGB", (20 + i, 18), (20 * i, 10, 200 - 10 * i)).save(folder / f"{i}.png")  # sizes differ
     out = tmp_path / "run"
     code, stdout, _ = run_cli("pretrain", "--method", "simclr", "--data", "folder", "--data-root", folder, "--stream",
-                              "--image-size", "16", "--backbone", "resnet18", "--width", "0.125", "--epochs", "1",
+                              "--loader-workers", "1", "--image-size", "16", "--backbone", "resnet18", "--width", "0.125", "--epochs", "1",
                               "--batch-size", "4", "--set", "projection_hidden=32", "--set", "projection_dim=16", "--out", out)
     assert code == 0 and "simclr: 1 epochs this run" in stdout
     meta = json.loads((out / "encoder.json").read_text())

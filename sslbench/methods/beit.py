@@ -28,7 +28,9 @@ Three targets (``target``), all k-means tokens:
 
 What ``generative_c10_mini.md`` measured: at C10-mini's budget (585 steps) neither colour target lifts any layer of
 the ViT more than about a point above its random initialisation, whatever the learning rate or mask ratio; the
-per-patch target took half the time per epoch.
+per-patch target took half the time per epoch. Patch codes at lr 1.5e-3 lift every layer by 1 to 3 points (+1.9 kNN,
++2.3 linear at the exported readout): the C10-mini recipe. The default stays ``pixels``, the palette tokens the
+method is named for.
 
 What differs from BEiT besides the tokens: the ViT has learned absolute positions and no layer scale
 or relative position bias, and gradients are not clipped. What follows it: 40% block-wise masking

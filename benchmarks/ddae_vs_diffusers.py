@@ -306,8 +306,9 @@ def main() -> None:
     parser.add_argument("--unet", default="small", choices=UNETS, help="sslbench's U-Net preset (channels 32/64/64 in both).")
     args = parser.parse_args()
     sslbench_recipe = recipe(args.unet)
-    if args.limit is not None and args.limit < RECIPE["train"]["batch_size"]:
-        parser.error(f"--limit {args.limit} leaves no full batch of {RECIPE['train']['batch_size']}; use --limit 128 or more")
+    batch_size = sslbench_recipe["train"]["batch_size"]
+    if args.limit is not None and args.limit < batch_size:
+        parser.error(f"--limit {args.limit} leaves no full batch of {batch_size}; use --limit {batch_size} or more")
 
     import diffusers
     import lightning
@@ -341,7 +342,8 @@ def main() -> None:
     for name in LIBRARIES:
         run, readout = runs[name], readouts[name]
         report["models"][name] = {
-            "parameters": parameter_count(name, sslbench_recipe["backbone"]), "blocks": readout_blocks(name, sslbench_recipe["backbone"]),
+            "parameters": parameter_count(name, sslbench_recipe["backbone"]),
+            "blocks": list(dict.fromkeys(cell.block for cell in readout.cells)),  # the grid's rows, in reading order
             "precision": args.precision if name == "sslbench" else args.diffusers_precision,
             "epoch_seconds": run.epoch_seconds, "images_per_second": run.images_per_second,
             "seconds_per_epoch": run.seconds_per_epoch, "peak_rss_mb": run.peak_rss_mb, "losses": run.losses,

@@ -94,7 +94,7 @@ def sample_pixels(images: torch.Tensor, count: int, generator: torch.Generator,
     pixels = torch.empty(count, first.shape[1])
     for start in range(0, len(needed), chunk):
         prepared = prepare(images[needed[start:start + chunk]].float() / 255.0)
-        prepared = prepared.flatten(2).transpose(1, 2)  # (chunk, h*w, 3)
+        prepared = prepared.flatten(2).transpose(1, 2)  # (chunk, h*w, C)
         rows = ((owner >= start) & (owner < start + chunk)).nonzero().squeeze(1)
         pixels[rows] = prepared[owner[rows] - start, position[rows]].float()
     return pixels

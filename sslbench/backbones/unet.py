@@ -96,7 +96,7 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     # with (Attn)Down/UpBlock2D at the last level, the DDAE C10-mini reference. No dropout: a short CPU run underfits, and dropout costs ~20% of a bf16 step.
     "small": UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0, groups=32),
     # "small" with a lean decoder at the same channels, 0.75M parameters: one ResBlock per decoder level, reading
-    # the deepest skip, and no convolution after upsampling. 1.5x the bf16 training steps per second of "small" on
+    # the deepest skip, and no convolution after upsampling. 1.51x the bf16 training steps per second of "small" on
     # one CPU core (benchmarks/results/speed.md). A new preset, so it starts from PyTorch's layer defaults.
     "small-lean": UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0,
                              groups=32, decoder_res_blocks=1, upsample_conv=False, init="pytorch"),

@@ -1,0 +1,150 @@
+"""One DDPM training step of a 32x32 U-Net, timed and taken apart: what bounds DDAE's speed on the CPU.
+
+``speed.md`` (section 6) quotes these. Three measurements, each standalone (no Lightning, no data: random images,
+timesteps and noise, batch 128, forward + MSE to the noise + backward + AdamW step):
+
+- ``step``: ms per training step of sslbench's ``unet-small`` / ``unet-small-lean`` (PyTorch's layer init) or
+  diffusers' ``UNet2DModel`` in the layout of ``unet-small`` (``ddae_vs_diffusers.diffusers_unet``), in fp32 or
+  under bf16 autocast, NCHW or channels-last; ``--profile`` prints the top operators instead.
+- ``groupnorm``: ms for one forward and backward of ``GroupNorm(32, 64)`` on a 128 x 64 x 32 x 32 map by input
+  dtype and layout, under bf16 autocast.
+- ``macs``: multiply-adds per image of every top-level block of a U-Net preset (convolutions and linear layers).
+
+    python benchmarks/unet_step.py step --model small --precision bf16 [--channels-last] [--threads 2] [--profile]
+    python benchmarks/unet_step.py groupnorm --threads 1
+    python benchmarks/unet_step.py macs --model small
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ddae_vs_diffusers import diffusers_unet, recipe  # noqa: E402  (benchmarks/ is a folder of scripts)
+
+from sslbench.backbones import build_encoder  # noqa: E402
+
+BATCH = 128
+
+
+def build(model: str) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The network (seed 0) and its noise prediction ``(x, t) -> eps``."""
+    torch.manual_seed(0)
+    if model == "diffusers":
+        net = diffusers_unet()
+        return net, lambda x, t: net(x, t).sample
+    net = build_encoder(recipe(model)["backbone"]).unet
+    return net, net
+
+
+def time_steps(step: Callable[[], None], warmup: int, steps: int) -> float:
+    """Mean ms per call of ``step`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def training_step(args: argparse.Namespace) -> None:
+    net, predict = build(args.model)
+    optimizer = torch.optim.AdamW(net.parameters(), 2e-4)
+    x, t, eps = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 1000, (BATCH,)), torch.randn(BATCH, 3, 32, 32)
+    if args.channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
+
+    def step() -> None:
+        with autocast:
+            out = predict(x, t)
+        loss = (out.float() - eps).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    layout = "channels-last" if args.channels_last else "NCHW"
+    if args.profile:
+        for _ in range(args.warmup):
+            step()
+        with torch.profiler.profile() as profiler:
+            for _ in range(args.steps):
+                step()
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        return
+    ms = time_steps(step, args.warmup, args.steps)
+    parameters = sum(p.numel() for p in net.parameters())
+    print(f"{args.model} ({parameters:,} parameters), {args.precision}, {layout}, {args.threads} threads: "
+          f"{ms:.0f} ms per step of {BATCH}, {BATCH / ms * 1000:.0f} images/s")
+
+
+def groupnorm(args: argparse.Namespace) -> None:
+    norm = nn.GroupNorm(32, 64)
+    nchw = torch.randn(BATCH, 64, 32, 32)
+    cases = {"NCHW bf16": nchw.bfloat16(), "channels-last bf16": nchw.contiguous(memory_format=torch.channels_last).bfloat16(),
+             "NCHW fp32": nchw, "channels-last fp32": nchw.contiguous(memory_format=torch.channels_last)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for name, x in cases.items():
+            x = x.detach().requires_grad_()
+            ms = time_steps(lambda: norm(x).float().sum().backward(), args.warmup, args.steps)
+            print(f"GroupNorm(32, 64), {BATCH} x 64 x 32 x 32, {name} input, {args.threads} threads: {ms:.1f} ms forward + backward")
+
+
+def block_macs(net: nn.Module) -> collections.Counter[str]:
+    """Multiply-adds per 32x32 image of each top-level block (``encoder.L.NAME``, ``decoder.L.NAME``, ``mid``, ...),
+    counted from the output shapes of its convolutions and linear layers in one forward pass."""
+    counts: collections.Counter[str] = collections.Counter()
+
+    def count(block: str):
+        def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
+            per_position = output.numel() // output.shape[0]
+            if isinstance(module, nn.Conv2d):
+                counts[block] += per_position * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            else:
+                counts[block] += per_position * module.in_features
+        return hook
+
+    for name, module in net.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            parts = name.split(".")
+            module.register_forward_hook(count(".".join(parts[:3] if parts[0] in ("encoder", "decoder") else parts[:1])))
+    with torch.no_grad():
+        net(torch.randn(1, 3, 32, 32), torch.tensor([5]))
+    return counts
+
+
+def macs(args: argparse.Namespace) -> None:
+    counts = block_macs(build(args.model)[0])
+    total = sum(counts.values())
+    decoder = sum(value for block, value in counts.items() if block.startswith("decoder"))
+    for block, value in counts.most_common():
+        print(f"{block:16s} {value / 1e6:7.1f}M {value / total:6.1%}")
+    print(f"total {total / 1e6:.1f}M multiply-adds per image; decoder {decoder / total:.1%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("step", "groupnorm", "macs"))
+    parser.add_argument("--model", default="small", choices=("small", "small-lean", "diffusers"))
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--profile", action="store_true", help="step: print the top operators of --steps steps instead.")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    {"step": training_step, "groupnorm": groupnorm, "macs": macs}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,8 @@
 """Test-wide settings."""
 
+import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +30,18 @@ def run_cli(monkeypatch, capsys):
         return exit_info.value.code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark(NAME)`` imports ``benchmarks/NAME.py`` (a folder of scripts, not a package), afresh on each call.
+    It is registered in ``sys.modules`` while it runs, as dataclasses defined in it look their module up."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load

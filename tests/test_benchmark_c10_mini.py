@@ -1,6 +1,5 @@
 """benchmarks/c10_mini.py: a recipe for every method that builds, and a --limit smoke run that says it is one."""
 
-import importlib.util
 import json
 import pickle
 import sys
@@ -14,15 +13,9 @@ from sslbench.backbones.base import count_parameters
 from sslbench.config import apply_overrides
 from sslbench.methods import METHODS, TrainConfig
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "c10_mini.py"
-
-
 @pytest.fixture(scope="module")
-def c10_mini():
-    spec = importlib.util.spec_from_file_location("c10_mini", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def c10_mini(load_benchmark):
+    return load_benchmark("c10_mini")
 
 
 def test_every_registered_method_has_a_recipe(c10_mini):

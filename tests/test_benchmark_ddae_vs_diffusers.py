@@ -2,9 +2,7 @@
 training workers run one epoch through the parent's pipe protocol."""
 
 import dataclasses
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,16 +11,9 @@ import torch
 from sslbench.backbones.unet import UNET_PRESETS, UNet
 from sslbench.data import ImageSet
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("ddae_vs_diffusers", BENCHMARKS / "ddae_vs_diffusers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("ddae_vs_diffusers")
 
 
 class FakePipe:

@@ -1,20 +1,13 @@
 """benchmarks/unet_step.py: the multiply-add count by hand, and a timed step of each model."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "unet_step.py"
-
 
 @pytest.fixture(scope="module")
-def unet_step():
-    spec = importlib.util.spec_from_file_location("unet_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def unet_step(load_benchmark):
+    return load_benchmark("unet_step")
 
 
 def test_multiply_adds_by_hand(unet_step):

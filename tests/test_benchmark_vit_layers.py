@@ -1,26 +1,14 @@
 """benchmarks/vit_layers.py: the per-layer readouts replay the ViT's own forward pass."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 from sslbench.backbones import backbone_spec, build_encoder
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vit_layers.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("vit_layers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @torch.no_grad()
-def test_layer_readouts_match_the_encoder_forward():
-    vit_layers = load_script()
+def test_layer_readouts_match_the_encoder_forward(load_benchmark):
+    vit_layers = load_benchmark("vit_layers")
     torch.manual_seed(0)
     encoder = build_encoder(backbone_spec("vit-nano", image_size=16), pretrained=False).eval()
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)

@@ -171,15 +171,31 @@ class PretrainMethod(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.after_optimizer_step()
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate factors for named top-level submodules (BYOL's predictor); the schedule applies on top."""
+        return {}
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Weight decay on weights only: biases and normalisation parameters are excluded (standard), and LARS does
-        not adapt their step either (BYOL, SimCLR, solo-learn's ``exclude_bias_n_norm``)."""
-        decay, no_decay = [], []
-        for param in self.parameters():
-            if not param.requires_grad:
-                continue
-            (no_decay if param.ndim <= 1 else decay).append(param)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_adapt": False}]
+        not adapt their step either (BYOL, SimCLR, solo-learn's ``exclude_bias_n_norm``). A submodule named in
+        ``lr_scales`` gets its own pair of groups at ``lr x factor``, after the two unscaled ones."""
+        scales = self.lr_scales()
+        unknown = set(scales) - {name for name, _ in self.named_children()}
+        if unknown:
+            raise ConfigError(f"{self.name}: lr_scales names {sorted(unknown)}, which are not submodules of the method")
+        buckets: dict[tuple[float, bool], list[torch.nn.Parameter]] = {(1.0, False): [], (1.0, True): []}
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                buckets.setdefault((scales.get(name.split(".")[0], 1.0), param.ndim <= 1), []).append(param)
+        groups = []
+        for (scale, no_decay), params in buckets.items():
+            group: dict[str, Any] = {"params": params}
+            if no_decay:
+                group.update(weight_decay=0.0, lars_adapt=False)
+            if scale != 1.0:
+                group["lr"] = self.train_config.lr * scale
+            groups.append(group)
+        return groups
 
     def configure_optimizers(self) -> Any:
         cfg = self.train_config

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sslbench.augment import ViewConfig
+from sslbench.errors import ConfigError
 from sslbench.methods.base import PretrainMethod
 from sslbench.methods.parts import MLPHead, cosine_schedule, ema_update, frozen_copy
 
@@ -29,9 +30,11 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1)).mean()
 
 
-def byol_views(size: int, blur_p: tuple[float, float], solarize_p: tuple[float, float]) -> list[ViewConfig]:
+def byol_views(size: int, blur_p: tuple[float, float], solarize_p: tuple[float, float],
+               crop_scale: tuple[float, float] = (0.08, 1.0)) -> list[ViewConfig]:
     """BYOL's asymmetric pair of views: jitter 0.4/0.4/0.2/0.1 p 0.8, grey 0.2, per-view blur and solarisation."""
-    return [ViewConfig(size=size, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, blur_p=blur, solarize_p=solarize)
+    return [ViewConfig(size=size, crop_scale=crop_scale, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
+                       blur_p=blur, solarize_p=solarize)
             for blur, solarize in zip(blur_p, solarize_p)]
 
 
@@ -44,6 +47,14 @@ class BYOLOptions:
     momentum_end: float = 1.0
     blur_p: tuple[float, float] = (1.0, 0.1)
     solarize_p: tuple[float, float] = (0.0, 0.2)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    # The predictor's lr relative to the rest (Tian et al. 2021, "Understanding self-supervised learning dynamics
+    # without contrastive pairs": a faster predictor helps BYOL and SimSiam); the paper uses 1.
+    predictor_lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.predictor_lr_scale > 0:
+            raise ConfigError(f"option predictor_lr_scale={self.predictor_lr_scale} is out of range; use a positive factor, e.g. 10")
 
 
 class BYOL(PretrainMethod):
@@ -56,7 +67,10 @@ class BYOL(PretrainMethod):
         self.prediction = MLPHead([o.projection_dim, o.prediction_hidden, o.projection_dim])
         self.target_encoder = frozen_copy(self.encoder)
         self.target_projection = frozen_copy(self.projection)
-        self.views = self.make_views(byol_views(self.image_size, o.blur_p, o.solarize_p))
+        self.views = self.make_views(byol_views(self.image_size, o.blur_p, o.solarize_p, o.crop_scale))
+
+    def lr_scales(self) -> dict[str, float]:
+        return {"prediction": self.options.predictor_lr_scale}
 
     def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         v1, v2 = self.views(images, generator)

@@ -296,6 +296,10 @@ class DetConS(DetCon):
 class DetConBOptions(DetConOptions, BYOLOptions):
     """The mask options of DetCon with BYOL's heads, momentum schedule and views (BYOL's defaults)."""
 
+    def __post_init__(self) -> None:
+        DetConOptions.__post_init__(self)
+        BYOLOptions.__post_init__(self)
+
 
 class DetConB(DetCon):
     name = "detcon_b"
@@ -307,7 +311,7 @@ class DetConB(DetCon):
         self.prediction = MLPHead([o.projection_dim, o.prediction_hidden, o.projection_dim])
         self.target_encoder = frozen_copy(self.encoder)
         self.target_projection = frozen_copy(self.projection)
-        self.views = self.make_views(byol_views(self.image_size, o.blur_p, o.solarize_p))
+        self.views = self.make_views(byol_views(self.image_size, o.blur_p, o.solarize_p, o.crop_scale))
 
     def masked_training_loss(self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         views, binary, ids, present1, present2 = self.views_and_segments(images, masks, generator)
@@ -322,3 +326,4 @@ class DetConB(DetCon):
     # BYOL's momentum schedule and EMA update, on the same attribute names (target_encoder, target_projection).
     target_momentum = BYOL.target_momentum
     after_optimizer_step = BYOL.after_optimizer_step
+    lr_scales = BYOL.lr_scales

@@ -199,6 +199,8 @@ def split_overrides(pairs: list[str]) -> tuple[dict[str, str], dict[str, str], d
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"--set {pair!r}: write KEY=VALUE, e.g. --set lr=0.1")
+        if key in ("epochs", "seed"):
+            raise SystemExit(f"--set {pair!r}: the protocol's {key} is set with --{key}, e.g. --{key} 1")
         if key.startswith("backbone."):
             backbone[key.removeprefix("backbone.")] = value
         else:
@@ -231,6 +233,8 @@ def main() -> None:
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Pretraining seed (the protocol's is 0; others measure seed noise). The floors stay at seed 0.")
     parser.add_argument("--knn-at", type=int, nargs="+", default=[5, 10, 15],
                         help="Epochs after which to score the kNN (those beyond --epochs are skipped; the last epoch always is).")
     parser.add_argument("--threads", type=int, default=2)
@@ -281,7 +285,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         result = pretrain(method, train.images, RunConfig(out=out, accelerator=args.accelerator, devices="1", precision=args.precision, progress=False),
-                          backbone=recipe["backbone"], options=recipe["options"], train={**recipe["train"], "epochs": args.epochs, "seed": 0},
+                          backbone=recipe["backbone"], options=recipe["options"], train={**recipe["train"], "epochs": args.epochs, "seed": args.seed},
                           callbacks=[monitor])
         trained, meta = load_encoder(result.out)
         report["methods"][method] = {  # the training settings as the engine resolved them (with method defaults)

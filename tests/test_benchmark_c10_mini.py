@@ -58,7 +58,7 @@ def test_limit_smoke_run_reports_that_it_is_not_the_protocol(c10_mini, tmp_path,
     _cifar10(tmp_path, train_per_batch=52, test=8)
     report = tmp_path / "report.json"
     monkeypatch.setattr(sys, "argv", ["c10_mini.py", "--data-root", str(tmp_path), "--methods", "simclr", "--limit", "256",
-                                      "--epochs", "1", "--threads", "1", "--linear", "--linear-epochs", "1",
+                                      "--epochs", "1", "--seed", "3", "--threads", "1", "--linear", "--linear-epochs", "1",
                                       "--out", str(tmp_path / "runs"), "--json", str(report)])
     c10_mini.main()
     result = json.loads(report.read_text())
@@ -66,6 +66,7 @@ def test_limit_smoke_run_reports_that_it_is_not_the_protocol(c10_mini, tmp_path,
     assert "--limit 256" in result["command"]
     run = result["methods"]["simclr"]
     assert set(run["knn_top1"]) == {"1"} and 0.0 <= run["knn_top1"]["1"] <= 1.0
+    assert run["train"]["seed"] == 3 and run["train"]["epochs"] == 1
     assert 0.0 <= run["linear_top1"] <= 1.0
     assert set(result["floors"]) == {"raw pixels", "random init (simclr backbone)", "random init (simclr backbone), linear"}
 
@@ -79,5 +80,7 @@ def test_set_reaches_training_settings_method_options_and_backbone_keys(c10_mini
     assert changed["unet"]["init"] == "pytorch" and changed["unet"]["channel_mults"] == [1, 2]
     assert spec["unet"]["channel_mults"] != [1, 2]  # the recipe itself is untouched
     assert c10_mini.set_backbone_keys(c10_mini.RECIPES["mae"]["backbone"], {"pool": "mean"})["pool"] == "mean"
+    with pytest.raises(SystemExit, match="the protocol's seed is set with --seed"):
+        c10_mini.split_overrides(["seed=1"])
     with pytest.raises(SystemExit, match="backbone.unet.x.y: the recipe's backbone has no section unet.x"):
         c10_mini.set_backbone_keys(spec, {"unet.x.y": "1"})

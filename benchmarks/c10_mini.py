@@ -99,8 +99,11 @@ RECIPES = {
     # DetCon_S (Henaff et al. 2021): SimCLR's views, head 512-128 and optimiser; T 0.1 (paper); 8 Felzenszwalb
     # segments drawn per image (scale 100, sigma 0.8, min size 20 px), computed once and cached under --out.
     "detcon_s": dict(backbone=RESNET, options={"temperature": 0.1}, train=SGD),
-    # DetCon_B: BYOL's head, momentum and CIFAR views as the byol recipe, per-segment BYOL loss; SGD 0.06.
-    "detcon_b": dict(backbone=RESNET, options={"blur_p": (0.0, 0.0), "solarize_p": (0.0, 0.2)}, train=SGD),
+    # DetCon_B (the paper's and the released code's): BYOL's head, predictor, momentum and CIFAR views as the byol
+    # recipe; DetCon_S's loss (T 0.1) between online predictions and target projections; FH masks as DetCon_S;
+    # SGD 0.06 as DetCon_S. (--set objective=regression: BYOL's loss per mask, sslbench's first DetCon_B.)
+    "detcon_b": dict(backbone=RESNET, options={"objective": "contrastive", "blur_p": (0.0, 0.0), "solarize_p": (0.0, 0.2)},
+                     train=SGD),
     # MAE (He et al. 2022; solo-learn mae.yaml) on VIT_MINI with fixed sin-cos positions: mask 0.75, normalised
     # pixel targets, AdamW betas 0.9/0.95 wd 0.05; decoder 128 wide, 2 blocks, 4 heads (solo-learn: 512 / 8 / 16,
     # too slow for CPU), crops scale 0.2-1. lr 1.5e-3 with a 1-epoch warm-up: solo-learn's CIFAR lr 2e-4 (5% warm-up)

@@ -10,10 +10,12 @@ segments visible in both views, and the encoder's deepest feature map is average
 - DetCon_S (SimCLR + contrastive detection, paper eq. 3): a projection MLP and a cross-entropy at
   temperature 0.1 in which a mask vector must find the same segment of the same image in the other
   view among all other mask vectors of both views of the whole (all-process) batch.
-- DetCon_B (BYOL + masks): online projector and predictor regress the EMA target's projection of the same
-  segment in the other view, BYOL's loss (eq. 2) per mask. The paper's DetCon_B applies the contrastive
-  objective of eq. 3 between online predictions and target projections instead; the per-mask BYOL
-  regression here is what the sslbench issue asked for.
+- DetCon_B (BYOL + masks; the paper's and the released code's): BYOL's online projector and predictor and
+  EMA target; the same loss of eq. 3, with the online predictions as queries and the target's
+  projections as keys (``objective=contrastive``, the default). ``objective=regression`` replaces it with
+  BYOL's loss (eq. 2) per mask: each prediction regresses the target projection of the same segment in
+  the other view, with no negatives. The paper does not train that variant; it was sslbench's DetCon_B
+  until the C10-mini runs showed it barely learning (see benchmarks/results/methods_c10_mini.md).
 
 Small-image defaults: K = 8 ids per image (the paper draws 16 at 224 px). FH with scale 100, sigma 0.8,
 min_size 20 px (2% of a 32x32 image) gives about 11 segments per 32 px scene. DetCon_S uses SimCLR's
@@ -139,25 +141,30 @@ def sample_mask_ids(masks1: torch.Tensor, masks2: torch.Tensor, num_masks: int,
     return ids, present1.gather(1, ids), present2.gather(1, ids)
 
 
-def detcon_s_loss(z1: torch.Tensor, z2: torch.Tensor, ids: torch.Tensor, present1: torch.Tensor,
-                  present2: torch.Tensor, temperature: float) -> torch.Tensor:
+def detcon_loss(z1: torch.Tensor, z2: torch.Tensor, ids: torch.Tensor, present1: torch.Tensor, present2: torch.Tensor,
+                temperature: float, targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Contrastive detection loss (DetCon paper eq. 3, batched as the released code's ``byol_nce_detcon``).
 
-    ``z1``, ``z2`` (B, K, D) are the projected mask vectors of the two views for the segment ids ``ids``
+    ``z1``, ``z2`` (B, K, D) are the query mask vectors of the two views for the segment ids ``ids``
     (B, K) (the same ids in both views); ``present1``/``present2`` (B, K) say whether the segment is in
-    each view. With v the L2-normalised vectors, the query (view a, image b, sample k) scores every key
-    (view a', image b', sample k') of both views of the global batch by v.v'/tau, except keys of its own
-    view with the same (image, id) (itself and repeated draws) and keys absent from their view. Its
-    positives P are the keys of the other view with the same (image, id);
-    loss_q = -(1/|P|) sum_{p in P} log softmax_p. A query counts when its segment is in both views,
-    with weight 1/(number of draws of that id in the image), so every segment counts once; the weighted
-    sum is divided by the number of queries 2BK, the same on every process, so under DDP the averaged
-    gradients equal one process on the whole batch.
+    each view. The keys are ``targets`` (the same shapes; DetCon_B: the momentum target's projections, no
+    gradient) or, without them, the queries themselves (DetCon_S). With v the L2-normalised vectors, the
+    query (view a, image b, sample k) scores every key (view a', image b', sample k') of both views of the
+    global batch by v.v'/tau, except keys of its own view with the same (image, id) (itself and repeated
+    draws) and keys absent from their view. Its positives P are the keys of the other view with the same
+    (image, id); loss_q = -(1/|P|) sum_{p in P} log softmax_p. A query counts when its segment is in both
+    views, with weight 1/(number of draws of that id in the image), so every segment counts once; the
+    weighted sum is divided by the number of queries 2BK, the same on every process, so under DDP the
+    averaged gradients equal one process on the whole batch. (The released code sums the two views'
+    means; this averages them, as sslbench's BYOL does.)
     """
     batch, num = ids.shape
     device = z1.device
     queries = F.normalize(torch.stack([z1, z2]).float(), dim=-1)  # (2, B, K, D)
-    keys = torch.stack([gather_with_grad(queries[0]), gather_with_grad(queries[1])])  # (2, WB, K, D)
+    if targets is None:
+        keys = torch.stack([gather_with_grad(queries[0]), gather_with_grad(queries[1])])  # (2, WB, K, D)
+    else:
+        keys = gather_no_grad(F.normalize(torch.stack(targets).float(), dim=-1).transpose(0, 1)).transpose(0, 1)
     key_ids = gather_no_grad(ids)
     key_present = gather_no_grad(torch.stack([present1, present2], 1).to(torch.uint8)).transpose(0, 1).bool()
     first_image = rank() * batch
@@ -184,7 +191,7 @@ def detcon_s_loss(z1: torch.Tensor, z2: torch.Tensor, ids: torch.Tensor, present
     return (weight * per_query).sum() / len(per_query)
 
 
-def detcon_b_loss(prediction1: torch.Tensor, prediction2: torch.Tensor, target1: torch.Tensor, target2: torch.Tensor,
+def detcon_b_regression_loss(prediction1: torch.Tensor, prediction2: torch.Tensor, target1: torch.Tensor, target2: torch.Tensor,
                   valid: torch.Tensor) -> torch.Tensor:
     """BYOL's loss (eq. 2) per mask: each view's prediction of sample k regresses the target projection of
     sample k (the same segment) in the other view, symmetrised.
@@ -288,17 +295,31 @@ class DetConS(DetCon):
     def masked_training_loss(self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         views, binary, ids, present1, present2 = self.views_and_segments(images, masks, generator)
         z1, z2 = self.projection(self.mask_vectors(self.encoder, views, binary)).view(2, *ids.shape, -1)
-        loss = detcon_s_loss(z1, z2, ids, present1, present2, self.options.temperature)
+        loss = detcon_loss(z1, z2, ids, present1, present2, self.options.temperature)
         return loss, {"masks_in_both_views": (present1 & present2).float().mean()}
+
+
+DETCON_B_OBJECTIVES = ("contrastive", "regression")
 
 
 @dataclass
 class DetConBOptions(DetConOptions, BYOLOptions):
-    """The mask options of DetCon with BYOL's heads, momentum schedule and views (BYOL's defaults)."""
+    """The mask options of DetCon with BYOL's heads, momentum schedule and views (BYOL's defaults).
+
+    ``objective``: ``contrastive`` is the paper's and the released code's DetCon_B, eq. 3 between the online
+    predictions and the target's projections (negatives: the other masks of the batch) at ``temperature``;
+    ``regression`` is BYOL's loss per mask (no negatives), a variant the paper does not train."""
+
+    objective: Literal["contrastive", "regression"] = "contrastive"
+    temperature: float = 0.1
 
     def __post_init__(self) -> None:
         DetConOptions.__post_init__(self)
         BYOLOptions.__post_init__(self)
+        if self.objective not in DETCON_B_OBJECTIVES:
+            raise ConfigError(f"option objective={self.objective!r} is not allowed; use one of {', '.join(DETCON_B_OBJECTIVES)}")
+        if not self.temperature > 0:
+            raise ConfigError(f"option temperature={self.temperature} is out of range; use a positive value, e.g. 0.1")
 
 
 class DetConB(DetCon):
@@ -320,8 +341,15 @@ class DetConB(DetCon):
         with torch.no_grad():
             t1, t2 = self.target_projection(self.mask_vectors(self.target_encoder, views, binary)).view(shape)
         valid = present1 & present2
-        return detcon_b_loss(p1, p2, t1, t2, valid), {"masks_in_both_views": valid.float().mean(),
-                                                       "target_momentum": self.target_momentum()}
+        if self.options.objective == "contrastive":
+            loss = detcon_loss(p1, p2, ids, present1, present2, self.options.temperature, targets=(t1, t2))
+        else:
+            loss = detcon_b_regression_loss(p1, p2, t1, t2, valid)
+        return loss, {"masks_in_both_views": valid.float().mean(), "target_momentum": self.target_momentum()}
+
+    def export_meta(self) -> dict[str, Any]:
+        meta = super().export_meta()
+        return {**meta, "objective": self.options.objective, "label": f"{self.name}[{meta['mask_source']},{self.options.objective}]"}
 
     # BYOL's momentum schedule and EMA update, on the same attribute names (target_encoder, target_projection).
     target_momentum = BYOL.target_momentum

@@ -15,8 +15,8 @@ from sslbench.data import IGNORE_INDEX, load_dataset
 from sslbench.engine import RunConfig, load_encoder, pretrain
 from sslbench.errors import ConfigError, DataError
 from sslbench.evaluation import checkpoint_subject
-from sslbench.methods import detcon
-from sslbench.methods.detcon import (DetConSOptions, detcon_b_loss, detcon_s_loss, felzenszwalb_masks, sample_mask_ids)
+from sslbench.methods import TrainConfig, detcon
+from sslbench.methods.detcon import (DetConBOptions, DetConSOptions, detcon_b_regression_loss, detcon_loss, felzenszwalb_masks, sample_mask_ids)
 from sslbench.methods.parts import masked_pool
 
 RESNET = {"backbone": "resnet18", "width": 0.125, "stem": "cifar"}
@@ -44,9 +44,11 @@ def _unit(vector):
     return [x / norm for x in vector]
 
 
-def _hand_detcon_s(z1, z2, ids, present1, present2, tau):
-    """Loop-by-loop contrastive detection loss over every (view, image, sample) query, in Python floats."""
+def _hand_detcon_s(z1, z2, ids, present1, present2, tau, t1=None, t2=None):
+    """Loop-by-loop contrastive detection loss over every (view, image, sample) query, in Python floats.
+    The keys are ``t1``, ``t2`` where given (DetCon_B's target projections), else the queries."""
     views = [z1.tolist(), z2.tolist()]
+    keys = [t1.tolist(), t2.tolist()] if t1 is not None else views
     present = [present1.tolist(), present2.tolist()]
     ids = ids.tolist()
     batch, num = len(ids), len(ids[0])
@@ -61,7 +63,7 @@ def _hand_detcon_s(z1, z2, ids, present1, present2, tau):
             same_segment = b2 == b and ids[b2][k2] == ids[b][k]
             if not present[v2][b2][k2] or (same_segment and v2 == v):
                 continue
-            score = sum(x * y for x, y in zip(query, _unit(views[v2][b2][k2]))) / tau
+            score = sum(x * y for x, y in zip(query, _unit(keys[v2][b2][k2]))) / tau
             scores.append(score)
             if same_segment:
                 positives.append(score)
@@ -84,7 +86,7 @@ def _tiny_masks_case():
 
 def test_detcon_s_loss_matches_hand_computation():
     z1, z2, ids, present1, present2 = _tiny_masks_case()
-    got = detcon_s_loss(z1, z2, ids, present1, present2, 0.1)
+    got = detcon_loss(z1, z2, ids, present1, present2, 0.1)
     assert abs(got.item() - _hand_detcon_s(z1, z2, ids, present1, present2, 0.1)) < 1e-5
     # A concrete value, computed once by the loops above, pins the formula itself.
     assert abs(got.item() - 4.2318) < 1e-3
@@ -95,11 +97,11 @@ def test_detcon_s_positives_are_the_same_segment_in_the_other_view():
     z = torch.eye(6).view(2, 3, 6)
     ids = torch.tensor([[4, 7, 9], [4, 7, 9]])  # equal ids in two images are different segments
     present = torch.ones(2, 3, dtype=torch.bool)
-    aligned = detcon_s_loss(z, z * 2.0, ids, present, present, 0.1)
+    aligned = detcon_loss(z, z * 2.0, ids, present, present, 0.1)
     # The same vectors, but view 2's segments swapped within each image: the positive is now another mask.
-    swapped = detcon_s_loss(z, z[:, [1, 0, 2]], ids, present, present, 0.1)
+    swapped = detcon_loss(z, z[:, [1, 0, 2]], ids, present, present, 0.1)
     # Or swapped across images: segment 4 of image 0 now meets segment 4 of image 1.
-    across = detcon_s_loss(z, z[[1, 0]], ids, present, present, 0.1)
+    across = detcon_loss(z, z[[1, 0]], ids, present, present, 0.1)
     assert aligned.item() < 1e-3
     assert swapped.item() > 5 and across.item() > 5
 
@@ -107,7 +109,7 @@ def test_detcon_s_positives_are_the_same_segment_in_the_other_view():
 def test_detcon_s_ignores_segments_missing_from_a_view():
     z1, z2, ids, present1, present2 = _tiny_masks_case()
     z1.requires_grad_(True)
-    detcon_s_loss(z1, z2, ids, present1, present2, 0.1).backward()
+    detcon_loss(z1, z2, ids, present1, present2, 0.1).backward()
     # Segment 3 (image 1, sample 1) is missing from view 1: its view-1 vector is neither query nor key.
     assert z1.grad[1, 1].abs().max() == 0
     assert z1.grad[0, 2].abs().max() > 0  # segment 2 is a key (a negative) even though its query has no positive
@@ -126,18 +128,56 @@ def _hand_detcon_b(p1, p2, t1, t2, valid):
     return total / (batch * num)
 
 
-def test_detcon_b_loss_matches_hand_computation_and_skips_missing_segments():
+def test_detcon_b_contrastive_loss_uses_predictions_as_queries_and_targets_as_keys():
+    p1, p2, ids, present1, present2 = _tiny_masks_case()
+    generator = torch.Generator().manual_seed(5)
+    t1, t2 = torch.randn(2, 3, 4, generator=generator), torch.randn(2, 3, 4, generator=generator)
+    p1.requires_grad_(True)
+    got = detcon_loss(p1, p2, ids, present1, present2, 0.1, targets=(t1, t2))
+    assert abs(got.item() - _hand_detcon_s(p1, p2, ids, present1, present2, 0.1, t1, t2)) < 1e-5
+    # Different from the loss with the predictions as their own keys (DetCon_S's form).
+    assert abs(got.item() - detcon_loss(p1, p2, ids, present1, present2, 0.1).item()) > 0.1
+    got.backward()
+    assert p1.grad[1, 1].abs().max() == 0  # segment 3 is missing from view 1: no query there
+    # Predictions aligned with their targets, distinct across segments, cost almost nothing.
+    z = torch.eye(6).view(2, 3, 6)
+    unique = torch.tensor([[4, 7, 9], [4, 7, 9]])
+    present = torch.ones(2, 3, dtype=torch.bool)
+    assert detcon_loss(z, z, unique, present, present, 0.1, targets=(3 * z, 3 * z)).item() < 1e-3
+
+
+@pytest.mark.parametrize("objective,called", [("contrastive", "detcon_loss"), ("regression", "detcon_b_regression_loss")])
+def test_detcon_b_objective_selects_its_loss(monkeypatch, small_scenes, objective, called):
+    calls = []
+    for name in ("detcon_loss", "detcon_b_regression_loss"):
+        monkeypatch.setattr(detcon, name, lambda *args, name=name, **kwargs: calls.append(name) or torch.zeros(()))
+    options = DetConBOptions(objective=objective, projection_hidden=32, prediction_hidden=32, projection_dim=16)
+    method = detcon.DetConB(RESNET, options, TrainConfig(epochs=1), image_size=16, steps_per_epoch=1)
+    masks = torch.zeros(4, 16, 16, dtype=torch.uint8)
+    masks[:, :, 8:] = 1
+    method.masked_training_loss(small_scenes[:4], masks, torch.Generator().manual_seed(0))
+    assert calls == [called]
+
+
+def test_detcon_b_objective_must_be_known():
+    with pytest.raises(ConfigError, match="objective='nce' is not allowed; use one of contrastive, regression"):
+        DetConBOptions(objective="nce")
+    with pytest.raises(ConfigError, match="temperature=0"):
+        DetConBOptions(temperature=0)
+
+
+def test_detcon_b_regression_loss_matches_hand_computation_and_skips_missing_segments():
     generator = torch.Generator().manual_seed(1)
     p1, p2, t1, t2 = (torch.randn(2, 3, 5, generator=generator) for _ in range(4))
     valid = torch.tensor([[True, False, True], [True, True, False]])
     p1.requires_grad_(True)
-    got = detcon_b_loss(p1, p2, t1, t2, valid)
+    got = detcon_b_regression_loss(p1, p2, t1, t2, valid)
     assert abs(got.item() - _hand_detcon_b(p1, p2, t1, t2, valid)) < 1e-6
     got.backward()
     assert p1.grad[0, 1].abs().max() == 0 and p1.grad[1, 2].abs().max() == 0
     assert p1.grad[0, 0].abs().max() > 0
     # Predictions equal to their targets cost nothing.
-    assert detcon_b_loss(t2, t1, t1, t2, torch.ones(2, 3, dtype=torch.bool)).item() < 1e-6
+    assert detcon_b_regression_loss(t2, t1, t1, t2, torch.ones(2, 3, dtype=torch.bool)).item() < 1e-6
 
 
 def test_mask_ids_prefer_segments_in_both_views():
@@ -188,18 +228,20 @@ def test_fh_masks_are_cached_on_disk_and_in_memory(tmp_path, monkeypatch):
     assert len(calls) == 6
 
 
-@pytest.mark.parametrize("method,options,drop", [
-    ("detcon_s", SMALL_HEADS, 0.1),
-    ("detcon_b", {**SMALL_HEADS, "prediction_hidden": 64}, 0.2),
+@pytest.mark.parametrize("method,options,epochs,drop,label", [
+    ("detcon_s", SMALL_HEADS, 3, 0.1, "detcon_s[fh]"),
+    # Against a slowly moving target the contrastive loss falls more slowly: 12 steps.
+    ("detcon_b", {**SMALL_HEADS, "prediction_hidden": 64}, 6, 0.2, "detcon_b[fh,contrastive]"),
+    ("detcon_b", {**SMALL_HEADS, "prediction_hidden": 64, "objective": "regression"}, 3, 0.2, "detcon_b[fh,regression]"),
 ])
-def test_training_lowers_the_loss(tmp_path, small_scenes, method, options, drop):
-    # 32 scenes at 16 px, batch 16, 3 epochs: 6 steps.
+def test_training_lowers_the_loss(tmp_path, small_scenes, method, options, epochs, drop, label):
+    # 32 scenes at 16 px, batch 16: 2 steps an epoch.
     result = pretrain(method, small_scenes[:32], RunConfig(out=tmp_path / method, progress=False), backbone=RESNET,
-                      options=options, train={"epochs": 3, "batch_size": 16})
+                      options=options, train={"epochs": epochs, "batch_size": 16})
     assert result.epoch_losses[-1] < result.epoch_losses[0] - drop
     encoder, meta = load_encoder(tmp_path / method)
     assert encoder(torch.rand(2, 3, 16, 16)).pooled.shape == (2, 64)
-    assert meta["method"] == method and meta["mask_source"] == "fh" and meta["label"] == f"{method}[fh]"
+    assert meta["method"] == method and meta["mask_source"] == "fh" and meta["label"] == label
     assert len(list(tmp_path.glob("fh-masks-*.npy"))) == 1  # the FH masks sit next to the run
 
 

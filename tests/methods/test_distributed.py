@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sslbench.methods.detcon import detcon_s_loss
+from sslbench.methods.detcon import detcon_loss
 from sslbench.methods.moco import infonce_loss
 from sslbench.methods.parts import Queue, sinkhorn
 from sslbench.methods.simclr import ntxent_loss
@@ -25,7 +25,8 @@ def _detcon_data():
     v1, v2 = torch.randn(WORLD * BATCH, 3, 4, generator=generator), torch.randn(WORLD * BATCH, 3, 4, generator=generator)
     ids = torch.tensor([[0, 0, 2], [1, 3, 4], [0, 1, 1], [5, 6, 7], [2, 2, 2], [0, 1, 2]])  # equal ids in other images: other segments
     present = torch.rand(2, WORLD * BATCH, 3, generator=generator) > 0.2
-    return v1, v2, ids, present[0], present[1]
+    targets = torch.randn(2, WORLD * BATCH, 3, 4, generator=generator)  # DetCon_B's target projections
+    return v1, v2, ids, present[0], present[1], targets
 
 
 def _worker(rank, init_file, out_file):
@@ -43,13 +44,17 @@ def _worker(rank, init_file, out_file):
         queue.enqueue(z2[local])
         moco = infonce_loss(z1[local], z2[local], queue.keys, 0.2)
         codes = sinkhorn(z1[local], 0.5, 3)
-        v1, v2, ids, present1, present2 = _detcon_data()
+        v1, v2, ids, present1, present2, targets = _detcon_data()
         m1, m2 = v1[local].clone().requires_grad_(), v2[local].clone().requires_grad_()
-        detcon = detcon_s_loss(m1, m2, ids[local], present1[local], present2[local], 0.1)
+        detcon = detcon_loss(m1, m2, ids[local], present1[local], present2[local], 0.1)
         detcon.backward()
+        p1 = v1[local].clone().requires_grad_()
+        detcon_b = detcon_loss(p1, v2[local], ids[local], present1[local], present2[local], 0.1, targets=tuple(targets[:, local]))
+        detcon_b.backward()
         torch.save({"loss": loss.detach(), "grad1": a.grad, "grad2": b.grad, "queue": queue.keys.clone(),
                     "pointer": queue.pointer.clone(), "moco": moco, "codes": codes, "detcon": detcon.detach(),
-                    "detcon_grad1": m1.grad, "detcon_grad2": m2.grad}, f"{out_file}.{rank}")
+                    "detcon_grad1": m1.grad, "detcon_grad2": m2.grad, "detcon_b": detcon_b.detach(),
+                    "detcon_b_grad1": p1.grad}, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -79,10 +84,17 @@ def test_ddp_losses_and_queue_match_one_process(tmp_path):
     assert torch.allclose(torch.stack([r["moco"] for r in ranks]).mean(), moco, atol=1e-6)
     assert torch.allclose(torch.cat([r["codes"] for r in ranks]), sinkhorn(z1, 0.5, 3), atol=1e-6)
 
-    v1, v2, ids, present1, present2 = _detcon_data()
+    v1, v2, ids, present1, present2, targets = _detcon_data()
     m1, m2 = v1.clone().requires_grad_(), v2.clone().requires_grad_()
-    detcon = detcon_s_loss(m1, m2, ids, present1, present2, 0.1)
+    detcon = detcon_loss(m1, m2, ids, present1, present2, 0.1)
     detcon.backward()
     assert torch.allclose(torch.stack([r["detcon"] for r in ranks]).mean(), detcon.detach(), atol=1e-6)
     assert torch.allclose(torch.cat([r["detcon_grad1"] for r in ranks]) / WORLD, m1.grad, atol=1e-6)
     assert torch.allclose(torch.cat([r["detcon_grad2"] for r in ranks]) / WORLD, m2.grad, atol=1e-6)
+    # DetCon_B: the target projections are keys from every process, with no gradient; DDP averages the
+    # predictions' gradients, so each process's local gradient is WORLD times the single-process one.
+    p1 = v1.clone().requires_grad_()
+    detcon_b = detcon_loss(p1, v2, ids, present1, present2, 0.1, targets=tuple(targets))
+    detcon_b.backward()
+    assert torch.allclose(torch.stack([r["detcon_b"] for r in ranks]).mean(), detcon_b.detach(), atol=1e-6)
+    assert torch.allclose(torch.cat([r["detcon_b_grad1"] for r in ranks]) / WORLD, p1.grad, atol=1e-6)

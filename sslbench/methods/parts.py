@@ -17,11 +17,25 @@ from torch import nn
 from sslbench.augment import ViewConfig
 
 
+class ScaleBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm with a learned scale and no shift: the output layer of the official SimCLRv2 head (its TF
+    code's ``BatchNormalization(center=False)``: a learned gamma per feature, no beta)."""
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features)
+        self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+
 class MLPHead(nn.Sequential):
-    """Linear-BN-ReLU layers then a final Linear (optionally followed by BN without affine).
+    """Linear-BN-ReLU layers then a final Linear (optionally followed by a scale-only BN).
 
     ``dims = [in, hidden, ..., out]``. SimCLR/MoCo v2 use 2 layers, SimCLRv2 and BYOL's projector
-    3 or 2 with BN, DINO a 3-layer head without BN; ``last_bn`` is SimCLRv2's/solo-learn's choice.
+    3 or 2 with BN, DINO a 3-layer head without BN; ``last_bn`` is SimCLRv2's output BatchNorm.
     ``output_layer=False`` makes every step of ``dims`` a Linear-BN-ReLU layer, with no final Linear:
     the first layers of a head cut after a ReLU, which SimCLRv2 keeps with the encoder at export.
     """
@@ -37,7 +51,7 @@ class MLPHead(nn.Sequential):
         if output_layer:
             layers.append(nn.Linear(dims[-2], dims[-1], bias=not last_bn))
             if last_bn:
-                layers.append(nn.BatchNorm1d(dims[-1], affine=False))
+                layers.append(ScaleBatchNorm1d(dims[-1]))
         super().__init__(*layers)
 
 

@@ -2,8 +2,8 @@
 
 SimCLR's two views and NT-Xent loss (inherited, not copied) with the paper's deeper projection head:
 3 layers ``[D, D, D, 128]`` (hidden width = the encoder's pooled width ``D``, as the paper's 2048 for a
-ResNet-50), BatchNorm on every layer, ReLU on the hidden ones, and an output BatchNorm without shift
-(``MLPHead(last_bn=True)``, which has no scale either; the official code learns one there). The
+ResNet-50), BatchNorm on every layer, ReLU on the hidden ones, and an output BatchNorm with a learned
+scale and no shift (``MLPHead(last_bn=True)``, as the official code). The
 output BatchNorm removes what all images share, so the loss starts above chance and needs more steps
 to fall than SimCLR's on tiny runs. The head's first Linear-BN-ReLU layer is not thrown away: the paper
 fine-tunes "from the middle layer" of the head, so the exported encoder is a ``ProjectedEncoder``

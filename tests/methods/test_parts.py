@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sslbench.augment import ViewConfig
-from sslbench.methods.parts import MLPHead, Queue, cosine_schedule, ema_update, multicrop_views, sinkhorn, split_batch_forward
+from sslbench.methods.parts import MLPHead, Queue, ScaleBatchNorm1d, cosine_schedule, ema_update, multicrop_views, sinkhorn, split_batch_forward
 
 
 def test_queue_is_fifo_wraps_around_and_is_checkpointed():
@@ -79,8 +79,14 @@ def test_multicrop_views_are_two_global_then_local():
 
 def test_mlp_head_layers_and_its_hidden_part_alone():
     head = MLPHead([8, 6, 6, 4], last_bn=True)
-    assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, ScaleBatchNorm1d]
     assert head(torch.randn(5, 8)).shape == (5, 4)
+    # The output BatchNorm scales each normalised feature by its gamma and adds nothing.
+    with torch.no_grad():
+        head[-1].weight.copy_(torch.tensor([1.0, 2.0, 0.5, 3.0]))
+    out = head.train()(torch.randn(64, 8))
+    assert torch.allclose(out.mean(0), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(out.std(0, unbiased=False), torch.tensor([1.0, 2.0, 0.5, 3.0]), atol=1e-3)
     hidden = MLPHead([8, 6, 3], output_layer=False)  # every step of dims is a Linear-BN-ReLU layer
     assert [type(m) for m in hidden] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU]
     out = hidden(torch.randn(5, 8))

@@ -13,7 +13,7 @@ from sslbench.engine import LAST_CHECKPOINT, RunConfig, export_encoder, load_enc
 from sslbench.errors import ConfigError
 from sslbench.evaluation import checkpoint_subject
 from sslbench.methods import METHODS, TrainConfig
-from sslbench.methods.parts import MLPHead
+from sslbench.methods.parts import MLPHead, ScaleBatchNorm1d
 from sslbench.methods.simclr import ntxent_loss
 from sslbench.methods.simclrv2 import SimCLRv2, SimCLRv2Options
 from sslbench.tasks import TASKS, ProbeConfig
@@ -41,11 +41,12 @@ def test_registered_with_the_paper_defaults():
 def test_head_has_three_layers_as_wide_as_the_encoder_with_bn_relu_on_the_hidden_ones():
     module = _method()
     assert [type(m) for m in _leaves(module.projection)] == [
-        nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+        nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, ScaleBatchNorm1d]
     linears = [m for m in module.projection.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(64, 64), (64, 64), (64, 128)]
     assert all(m.bias is None for m in linears)  # every Linear is followed by a BatchNorm
-    assert not module.projection[1][-1].affine  # the output BatchNorm has no scale or shift
+    output_bn = module.projection[1][-1]  # the official head's output BatchNorm: a learned scale, no shift
+    assert output_bn.weight.shape == (128,) and output_bn.weight.requires_grad and output_bn.bias is None
     assert [type(m) for m in module.projection[0]] == [nn.Linear, nn.BatchNorm1d, nn.ReLU]  # the exported part
     assert module.projection(torch.randn(5, 64)).shape == (5, 128)
     assert _method(projection_hidden=HIDDEN).projection[0][0].out_features == HIDDEN

@@ -374,6 +374,31 @@ def worker_error_message(error: DataError) -> str:
     return message if found and not head else last
 
 
+def check_resume_settings(last: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume a run with other settings than it was started with (``settings``: the hyper-parameters the
+    method saves). A changed lr, option or backbone would continue the run on another schedule or objective and
+    silently give numbers that belong to neither run. The epoch count may change, to extend a run (the schedule
+    then spans the new total). Keys the checkpoint lacks (options added since) are not compared."""
+    saved = torch.load(last, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+
+    def plain(value: Any) -> Any:  # tuples and lists, paths and strings compare as they print
+        return json.loads(json.dumps(value, default=str))
+
+    for section in ("method", "backbone", "options", "train", "image_size", "steps_per_epoch"):
+        if section not in saved:
+            continue
+        old, new = plain(saved[section]), plain(settings[section])
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed = [(f"{section}.{key}", old[key], new[key]) for key in old
+                       if key in new and old[key] != new[key] and (section, key) != ("train", "epochs")]
+        else:
+            changed = [(section, old, new)] if old != new else []
+        if changed:
+            name, before, now = changed[0]
+            raise ConfigError(f"{last} was trained with {name}={before!r} and this command gives {now!r}; resume with "
+                              "the run's own settings, or start a new run in another --out")
+
+
 def pretrain(method_name: str, images: torch.Tensor | ImageFiles, run: RunConfig, backbone: dict[str, Any] | None = None,
              options: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
              callbacks: list[Callback] | None = None, info: dict[str, Any] | None = None,
@@ -414,6 +439,8 @@ def pretrain(method_name: str, images: torch.Tensor | ImageFiles, run: RunConfig
     dataset_masks = (lambda data: cls.dataset_masks(method_options, data, masks, run.out.parent)) if cls.needs_masks else None
     data = training_data(images, train_config.batch_size, train_config.seed, run, method_name, dataset_masks)
     module = cls(backbone, method_options, train_config, data.image_size, data.steps_per_epoch)
+    if run.resume:
+        check_resume_settings(last, dict(module.hparams))
     # On resume the checkpoint restores this state (recomputing it could differ); methods without any never
     # make a stream decode its sample.
     if not run.resume and cls.initialise_from_data is not PretrainMethod.initialise_from_data:

@@ -127,6 +127,18 @@ def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path, scenes):
     assert not (tmp_path / "b").exists()
 
 
+def test_resume_with_other_settings_than_the_run_refuses_naming_the_setting(tmp_path, scenes):
+    _run(tmp_path, "a", scenes, "simclr", RESNET, 2, stop_after=1, lr=0.1)
+    with pytest.raises(ConfigError, match=r"last.ckpt was trained with train.lr=0.1 and this command gives 0.2; resume with"):
+        _run(tmp_path, "a", scenes, "simclr", RESNET, 2, resume=True, lr=0.2)
+    with pytest.raises(ConfigError, match=r"train.batch_size=64 and this command gives 32"):
+        _run(tmp_path, "a", scenes, "simclr", RESNET, 2, resume=True, lr=0.1, batch_size=32)
+    with pytest.raises(ConfigError, match=r"options.temperature=0.5 and this command gives 0.2"):
+        _run(tmp_path, "a", scenes, "simclr", RESNET, 2, resume=True, lr=0.1, options={"temperature": 0.2})
+    # The run's own settings resume it.
+    assert len(_run(tmp_path, "a", scenes, "simclr", RESNET, 2, resume=True, lr=0.1).epoch_losses) == 1
+
+
 def test_nan_loss_stops_with_a_clear_error(tmp_path, scenes):
     with pytest.raises(SslbenchError, match="loss became nan.*lower the learning rate"):
         _run(tmp_path, "nan", scenes, "simclr", RESNET, 1, lr=1e30)

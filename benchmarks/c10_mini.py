@@ -43,7 +43,7 @@ import sslbench
 from sslbench.backbones import Encoder, backbone_spec, build_encoder
 from sslbench.backbones.igpt import ImageGPTEncoder
 from sslbench.data import ImageSet, load_dataset
-from sslbench.engine import RunConfig, load_encoder, pretrain
+from sslbench.engine import RunConfig, cpu_has_native_bf16, load_encoder, pretrain
 from sslbench.evaluation import random_subject
 from sslbench.tasks import ProbeConfig
 from sslbench.tasks.classification import ClassificationTask
@@ -158,11 +158,15 @@ class KnnAtEpochs(Callback):
 
 
 def cpu_model() -> str:
-    """The CPU's model name for result files (``/proc/cpuinfo`` on Linux; ``platform`` elsewhere, which is vaguer)."""
+    """The CPU for result files: its model name (``/proc/cpuinfo`` on Linux; ``platform`` elsewhere, which is vaguer)
+    and the vector ISA PyTorch uses on it. The ISA tells machines of one name apart: two "AMD EPYC" machines of this
+    project, one with native bf16 kernels and one AVX2 CPU without, differ several-fold in the same step."""
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                 platform.processor() or platform.machine())
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}, {bf16})"
 
 
 def raw_pixel_knn(train, test, probe: ProbeConfig) -> float:

@@ -27,8 +27,10 @@ lean decoder (one ResBlock per level, no convolution after upsampling; 754,531 p
     python benchmarks/ddae_vs_diffusers.py --data-root DIR --report /tmp/smoke.md --limit 256 --epochs 1 --queries 256
 
 DIR holds ``cifar-10-batches-py/`` (``python ../shared/data/materialize.py DIR cifar10``). ``--precision`` is
-sslbench's engine precision (default ``bf16-mixed``: bf16 autocast, the engine's GPU default, here asked for on the
-CPU); ``--diffusers-precision bf16`` gives diffusers' loop the same autocast for a like-for-like check.
+sslbench's engine precision. Its default, ``auto``, takes ``bf16-mixed`` (bf16 autocast, the engine's GPU default) where
+oneDNN has bf16 kernels for the CPU and ``32-true`` where it has none (an AVX2 CPU runs bf16 convolutions in PyTorch's
+slow reference path). ``--diffusers-precision bf16-mixed`` gives diffusers' loop the same autocast for a like-for-like
+check.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from torch import nn
 from sslbench.backbones import backbone_spec, build_encoder
 from sslbench.backbones.diffusion import DDPMSchedule, DiffusionEncoder
 from sslbench.diffusion_study import StudyCell, run_study
+from sslbench.engine import cpu_has_native_bf16
 from sslbench.methods.ddae import DDAEOptions, ddpm_loss, random_hflip
 from sslbench.tasks import ProbeConfig
 
@@ -102,6 +105,13 @@ class SideBySideSettings(Settings):
     """``Settings`` plus the precision of diffusers' loop (``32-true`` or ``bf16-mixed``)."""
 
     diffusers_precision: str = "32-true"
+
+
+def engine_precision(choice: str) -> str:
+    """``--precision``: ``auto`` is bf16 autocast only where the CPU has native bf16 kernels (else it slows the step)."""
+    if choice != "auto":
+        return choice
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
 
 
 def autocast(precision: str) -> contextlib.AbstractContextManager:
@@ -300,7 +310,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="Smoke runs: train on (and use as the bank) only N images.")
     parser.add_argument("--queries", type=int, default=None, help="Score on the first N test images (default: all 10,000).")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", default="bf16-mixed", choices=("bf16-mixed", "32-true"), help="sslbench's engine precision.")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16-mixed", "32-true"),
+                        help="sslbench's engine precision; auto: bf16-mixed where the CPU has native bf16 kernels, else 32-true.")
     parser.add_argument("--diffusers-precision", default="32-true", choices=("bf16-mixed", "32-true"))
     parser.add_argument("--out", type=Path, default=Path("runs/ddae_vs_diffusers"))
     parser.add_argument("--unet", default="small", choices=UNETS, help="sslbench's U-Net preset (channels 32/64/64 in both).")
@@ -317,6 +328,7 @@ def main() -> None:
     from sslbench.data import load_dataset
 
     torch.set_num_threads(args.threads)
+    args.precision = engine_precision(args.precision)
     settings = SideBySideSettings(args.data_root, args.epochs, args.limit, args.threads, args.out, method="ddae",
                                   recipe=sslbench_recipe, precision=args.precision, knn_at=(), diffusers_precision=args.diffusers_precision)
     train = training_images(settings)

@@ -26,8 +26,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 
 from sslbench import __version__
@@ -244,9 +246,30 @@ def cuda_available(accelerator: str) -> bool:
     return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 BF16 or AMX). Without them PyTorch runs bf16
+    convolutions in its slow reference path: on a 2-core AVX2 EPYC one step of the lean DDAE U-Net took 36 s in bf16
+    against 1.8 s in fp32 (``benchmarks/unet_step.py``), so bf16 there costs time instead of saving it."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_channels_last_hazard(model: nn.Module) -> str | None:
+    """The first strided 1x1 convolution of ``model`` with fewer than 8 input channels, which the engine keeps out of
+    channels_last on the CPU (the whole model stays contiguous then). In channels_last, oneDNN's AVX2 kernel for its
+    weight gradient (``jit_1x1:avx2``, PyTorch 2.15) corrupts the heap: the process hangs or dies with SIGSEGV or
+    SIGABRT a few steps later (2 to 6 input channels failed on 32 px maps, 2 to 4 on 16 px ones; 1, 7 and 8 to 32 never did). Real
+    models are wider; the tiny test ResNets (width 1/16: a 4 -> 8 channel shortcut) are not."""
+    return next((name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+                 and max(m.stride) > 1 and m.in_channels < 8), None)
+
+
 def make_trainer(run: RunConfig, epochs: int, callbacks: list[Callback]) -> L.Trainer:
     on_gpu = cuda_available(run.accelerator)
     precision = run.precision or ("bf16-mixed" if on_gpu else "32-true")
+    if not on_gpu and precision.startswith("bf16") and not cpu_has_native_bf16():
+        rank_zero_warn(f"--precision {precision} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native bf16) "
+                       "runs convolutions in PyTorch's slow reference path, several times slower than fp32; "
+                       "use --precision 32-true here")
     # One file, last.ckpt, replaced at every epoch end. (save_last=True with save_top_k=0 writes last.ckpt only
     # when training ends: Lightning 2.6 saves "last" only next to a top-k save, so a killed run kept nothing.)
     checkpoint = ModelCheckpoint(dirpath=run.out, filename=Path(LAST_CHECKPOINT).stem, save_top_k=1, every_n_epochs=1,
@@ -446,7 +469,7 @@ def pretrain(method_name: str, images: torch.Tensor | ImageFiles, run: RunConfig
     if not run.resume and cls.initialise_from_data is not PretrainMethod.initialise_from_data:
         sample = data.initial_images(torch.Generator().manual_seed(train_config.seed))
         module.initialise_from_data(sample, torch.Generator().manual_seed(train_config.seed))
-    if cls.channels_last:
+    if cls.channels_last and (cuda_available(run.accelerator) or cpu_channels_last_hazard(module) is None):
         module = module.to(memory_format=torch.channels_last)
     run.out.mkdir(parents=True, exist_ok=True)
     if run.compile:

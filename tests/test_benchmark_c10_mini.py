@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sslbench.backbones import build_encoder
 from sslbench.backbones.base import count_parameters
@@ -16,6 +17,14 @@ from sslbench.methods import METHODS, TrainConfig
 @pytest.fixture(scope="module")
 def c10_mini(load_benchmark):
     return load_benchmark("c10_mini")
+
+
+def test_machine_line_names_the_vector_isa_and_whether_bf16_is_native(c10_mini, monkeypatch):
+    isa = torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(c10_mini, "cpu_has_native_bf16", lambda: False)
+    assert c10_mini.cpu_model().endswith(f" ({isa}, no native bf16)")
+    monkeypatch.setattr(c10_mini, "cpu_has_native_bf16", lambda: True)
+    assert c10_mini.cpu_model().endswith(f" ({isa}, native bf16)")
 
 
 def test_every_registered_method_has_a_recipe(c10_mini):

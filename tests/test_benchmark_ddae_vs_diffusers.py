@@ -145,3 +145,12 @@ def test_the_lean_unet_is_read_at_the_same_places(bench):
     assert bench.readout_blocks("sslbench", lean) == ("mid", "up1.0")
     encoder = bench.readout_encoder("sslbench", None, lean)
     assert encoder.unet.block_stride("up1.0") == 2 and bench.parameter_count("sslbench", lean) == 754_531
+
+
+def test_auto_precision_takes_bf16_only_where_the_cpu_has_native_bf16_kernels(bench, monkeypatch):
+    monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: True)
+    assert bench.engine_precision("auto") == "bf16-mixed"
+    assert bench.engine_precision("32-true") == "32-true"
+    monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: False)
+    assert bench.engine_precision("auto") == "32-true"
+    assert bench.engine_precision("bf16-mixed") == "bf16-mixed"  # asked for by name: the engine warns, the run goes on

@@ -104,7 +104,11 @@ class ResNet(Encoder):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, images: torch.Tensor) -> Features:
-        x = self.stem(self.normalize(images))
+        # Read the images in the layout of the weights. oneDNN runs a convolution channels_last when its input is, so
+        # channels_last views (``sslbench.augment``) would otherwise turn a model the engine keeps contiguous
+        # (``engine.cpu_channels_last_hazard``) channels_last again, layer by layer.
+        layout = torch.channels_last if self.stem[0].weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        x = self.stem(self.normalize(images).contiguous(memory_format=layout))
         maps = {}
         for stride, stage in zip(self.strides, self.stages):
             x = stage(x)

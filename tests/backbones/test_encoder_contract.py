@@ -73,3 +73,16 @@ def test_a_spec_key_the_backbone_does_not_take_is_a_config_error(name):
 def test_bad_width_is_a_config_error():
     with pytest.raises(ConfigError, match="width"):
         build_encoder(backbone_spec("resnet18", -1.0))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_resnet_runs_in_the_layout_of_its_weights_whatever_the_layout_of_its_input(layout):
+    """The views arrive channels_last; a ResNet kept contiguous must not be turned channels_last by them."""
+    torch.manual_seed(0)
+    encoder = build_encoder(backbone_spec("resnet18", 0.125)).eval().to(memory_format=layout)
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        reference = encoder(images).pooled
+        features = encoder(images.contiguous(memory_format=torch.channels_last))
+    assert all(m.is_contiguous(memory_format=layout) for m in features.maps.values())
+    assert torch.allclose(features.pooled, reference, atol=1e-5)

@@ -1,12 +1,15 @@
 """Pretraining end to end on the procedural scenes: losses fall, resume is exact, exports reload."""
 
 from pathlib import Path
+import warnings
 
 import pytest
 from lightning.pytorch.callbacks import Callback
 import torch
 from safetensors.torch import load_file
 
+from sslbench import engine
+from sslbench.backbones import build_encoder
 from sslbench.data import load_dataset
 from sslbench.engine import LAST_CHECKPOINT, RunConfig, ShuffledBatches, DataOnDevice, data_fits_on_device, load_encoder, pretrain
 from sslbench.errors import ConfigError, SslbenchError
@@ -152,6 +155,37 @@ def test_bad_options_fail_before_anything_is_written(tmp_path, scenes):
     with pytest.raises(ConfigError, match="unknown method"):
         pretrain("simclrr", scenes, RunConfig(out=tmp_path / "x", progress=False))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("native_bf16, precision, warns", [(False, "bf16-mixed", True), (False, "bf16-true", True),
+                                                          (True, "bf16-mixed", False), (False, "32-true", False)])
+def test_bf16_on_a_cpu_without_bf16_kernels_warns_and_names_the_fix(tmp_path, monkeypatch, native_bf16, precision, warns):
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native_bf16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = engine.make_trainer(RunConfig(out=tmp_path, accelerator="cpu", precision=precision, progress=False), 1, [])
+    slow = [str(w.message) for w in caught if "no native bf16" in str(w.message)]
+    assert trainer.precision == precision
+    assert slow == ([f"--precision {precision} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native bf16) "
+                     "runs convolutions in PyTorch's slow reference path, several times slower than fp32; "
+                     "use --precision 32-true here"] if warns else [])
+
+
+def test_models_with_a_narrow_strided_pointwise_conv_train_contiguous_on_the_cpu(tmp_path, small_scenes):
+    """oneDNN's AVX2 weight gradient of such a convolution corrupts the heap in channels_last (engine docstring)."""
+    narrow = {"backbone": "resnet18", "width": 0.0625, "stem": "cifar"}  # 4/8/16/32 channels: a 4 -> 8 shortcut
+    assert engine.cpu_channels_last_hazard(build_encoder(narrow)) == "stages.1.0.shortcut.0"
+    assert engine.cpu_channels_last_hazard(build_encoder(RESNET)) is None  # 8/16/32/64: an 8 -> 16 shortcut
+    layouts = {}
+
+    class RecordLayout(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            layouts[name] = pl_module.encoder.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+    for name, backbone in (("narrow", narrow), ("wide", RESNET)):
+        pretrain("simclr", small_scenes, RunConfig(out=tmp_path / name, accelerator="cpu", progress=False), backbone=backbone,
+                 train={"epochs": 1, "batch_size": 32}, callbacks=[RecordLayout()])
+    assert layouts == {"narrow": False, "wide": True}
 
 
 def test_batches_are_gathered_on_the_device_the_data_lives_on():

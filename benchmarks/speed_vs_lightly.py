@@ -54,6 +54,8 @@ class Settings:
     recipe: dict[str, Any] = field(default_factory=lambda: RECIPES["simclr"])
     precision: str = "32-true"
     knn_at: tuple[int, ...] = KNN_EPOCHS
+    seed: int = 0
+    """Both libraries' seed: the same initial weights, and each library's own augmentation and batch-order stream."""
 
 
 @dataclass
@@ -185,7 +187,7 @@ def sslbench_worker(settings: Settings, conn) -> None:
     shutil.rmtree(out, ignore_errors=True)
     pretrain(settings.method, images, RunConfig(out=out, accelerator="cpu", devices="1", precision=settings.precision, progress=False),
              backbone=recipe["backbone"], options=recipe["options"],
-             train={**recipe["train"], "epochs": settings.epochs, "seed": 0}, callbacks=[Turnstile()])
+             train={**recipe["train"], "epochs": settings.epochs, "seed": settings.seed}, callbacks=[Turnstile()])
 
 
 class PilImages(torch.utils.data.Dataset):
@@ -215,7 +217,7 @@ def lightly_worker(settings: Settings, conn) -> None:
     torch.set_num_threads(settings.threads)
     images = training_images(settings).images
     report_at = knn_epochs(settings)
-    torch.manual_seed(0)
+    torch.manual_seed(settings.seed)
     encoder = build_encoder(RESNET)  # the engine builds the encoder first after torch.manual_seed(seed), too
     head = SimCLRProjectionHead(128, 512, 128)
     criterion = NTXentLoss(temperature=0.5)
@@ -225,7 +227,7 @@ def lightly_worker(settings: Settings, conn) -> None:
     train = settings.recipe["train"]  # the protocol's SGD settings, the very ones sslbench's worker runs with
     loader = torch.utils.data.DataLoader(PilImages(images, transform), batch_size=train["batch_size"], shuffle=True,
                                          drop_last=True, num_workers=2, persistent_workers=True,
-                                         generator=torch.Generator().manual_seed(0))
+                                         generator=torch.Generator().manual_seed(settings.seed))
     params = [*encoder.parameters(), *head.parameters()]
     optimizer = torch.optim.SGD(params, lr=train["lr"], momentum=train["momentum"], weight_decay=train["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * len(loader))
@@ -296,6 +298,7 @@ def markdown_report(runs: dict[str, LibraryRun], floors: dict[str, float], setti
 
     ours, theirs = runs["sslbench"], runs["lightly"]
     protocol = settings.epochs == 15 and settings.limit is None
+    seed = [] if settings.seed == 0 else [f"- Seed {settings.seed} (the protocol's is 0) for both libraries; the floors stay at seed 0."]
     lines = [
         "# SimCLR speed: sslbench vs lightly (C10-mini, ../shared/BENCHMARKS.md)", "",
         *([] if protocol else [f"**Smoke run, not the protocol**: {settings.epochs} epoch(s), "
@@ -304,6 +307,7 @@ def markdown_report(runs: dict[str, LibraryRun], floors: dict[str, float], setti
         f"- Versions: sslbench {sslbench.__version__}, lightly {lightly.__version__}, torch {torch.__version__}, "
         f"lightning {lightning.__version__}, Python {platform.python_version()}.",
         f"- Date: {date.today()}. Command: `{command}`",
+        *seed,
         "- Epochs alternate between the libraries (A B, B A, ...), each library in its own worker process;",
         "  peak memory is the resident memory summed over the worker's process tree (DataLoader workers included;",
         "  pages shared after fork count once per process), sampled every 0.25 s while that library trains.",
@@ -339,6 +343,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="Smoke runs: use only N training images and N test queries.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/speed_vs_lightly"))
+    parser.add_argument("--seed", type=int, default=0, help="Both libraries' seed (the protocol's is 0; others measure seed noise).")
     args = parser.parse_args()
 
     from sslbench.backbones import build_encoder
@@ -348,7 +353,7 @@ def main() -> None:
     from sslbench.tasks.classification import ClassificationTask
 
     torch.set_num_threads(args.threads)
-    settings = Settings(args.data_root, args.epochs, args.limit, args.threads, args.out)
+    settings = Settings(args.data_root, args.epochs, args.limit, args.threads, args.out, seed=args.seed)
     train = training_images(settings)
     test = load_dataset("cifar10", args.data_root, "test", limit=args.limit)
     probe = ProbeConfig(seed=0, device="cpu", knn_k=200, knn_temperature=0.1)

@@ -154,3 +154,13 @@ def test_auto_precision_takes_bf16_only_where_the_cpu_has_native_bf16_kernels(be
     monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: False)
     assert bench.engine_precision("auto") == "32-true"
     assert bench.engine_precision("bf16-mixed") == "bf16-mixed"  # asked for by name: the engine warns, the run goes on
+
+
+def test_the_seed_reaches_the_sslbench_run(bench, tiny_images, tmp_path, monkeypatch):
+    import sslbench.engine
+
+    seeds = []
+    monkeypatch.setattr(sslbench.engine, "pretrain", lambda method, images, run, **kwargs: seeds.append(kwargs["train"]["seed"]))
+    bench.sslbench_worker(_settings(bench, tmp_path, "32-true"), FakePipe())
+    bench.sslbench_worker(dataclasses.replace(_settings(bench, tmp_path, "32-true"), seed=3), FakePipe())
+    assert seeds == [0, 3]

@@ -31,7 +31,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -312,6 +312,9 @@ class DetConBOptions(DetConOptions, BYOLOptions):
 
     objective: Literal["contrastive", "regression"] = "contrastive"
     temperature: float = 0.1
+    legacy: ClassVar[dict[str, Any]] = {"objective": "regression"}
+    """What checkpoints from before an option existed trained with (``engine.check_resume_settings``): sslbench's
+    first DetCon_B regressed per mask, so resuming such a run as the contrastive default would switch its loss."""
 
     def __post_init__(self) -> None:
         DetConOptions.__post_init__(self)

@@ -267,6 +267,25 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, small_scenes):
         assert torch.allclose(straight[key], split[key], atol=1e-6), key
 
 
+def test_a_detcon_b_run_from_before_the_objective_option_resumes_only_as_the_regression_it_trained(tmp_path, small_scenes):
+    # Checkpoints written before ``objective`` existed lack it and trained BYOL's per-mask regression; resuming one
+    # with the contrastive default would switch its loss halfway.
+    def run(resume=False, callbacks=None, **options):
+        pretrain("detcon_b", small_scenes[:32], RunConfig(out=tmp_path / "run", progress=False, resume=resume),
+                 backbone=RESNET, options={**SMALL_HEADS, **options}, train={"epochs": 2, "batch_size": 16},
+                 callbacks=callbacks)
+
+    run(callbacks=[_Interrupt()], objective="regression")
+    last = tmp_path / "run" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    del checkpoint["hyper_parameters"]["options"]["objective"]
+    torch.save(checkpoint, last)
+    with pytest.raises(ConfigError, match="trained with options.objective='regression' and this command gives 'contrastive'"):
+        run(resume=True)
+    run(resume=True, objective="regression")
+    assert json.loads((tmp_path / "run" / "encoder.json").read_text())["objective"] == "regression"
+
+
 def test_bad_mask_options_and_masks_for_other_methods_fail_with_the_fix(tmp_path, small_scenes):
     with pytest.raises(ConfigError, match="mask_source='sam' is not allowed; use one of fh, ground_truth"):
         pretrain("detcon_s", small_scenes, RunConfig(out=tmp_path / "a", progress=False), options={"mask_source": "sam"})

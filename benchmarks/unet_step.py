@@ -3,7 +3,7 @@
 ``speed.md`` (section 6) quotes these. Three measurements, each standalone (no Lightning, no data: random images,
 timesteps and noise, batch 128, forward + MSE to the noise + backward + AdamW step):
 
-- ``step``: ms per training step of sslbench's ``unet-small`` / ``unet-small-lean`` (PyTorch's layer init) or
+- ``step``: ms per training step of sslbench's ``unet-small`` / ``-small-lean`` / ``-small-p2`` (PyTorch's layer init) or
   diffusers' ``UNet2DModel`` in the layout of ``unet-small`` (``ddae_vs_diffusers.diffusers_unet``), in fp32 or
   under bf16 autocast, NCHW or channels-last; ``--profile`` prints the top operators instead.
 - ``groupnorm``: ms for one forward and backward of ``GroupNorm(32, 64)`` on a 128 x 64 x 32 x 32 map by input
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ddae_vs_diffusers import diffusers_unet, recipe  # noqa: E402  (benchmarks/ is a folder of scripts)
+from ddae_vs_diffusers import UNETS, diffusers_unet, recipe  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 from sslbench.backbones import build_encoder  # noqa: E402
 
@@ -134,7 +134,7 @@ def macs(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("step", "groupnorm", "macs"))
-    parser.add_argument("--model", default="small", choices=("small", "small-lean", "diffusers"))
+    parser.add_argument("--model", default="small", choices=(*UNETS, "diffusers"))
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--threads", type=int, default=2)

@@ -87,13 +87,15 @@ def tiny_images(bench, monkeypatch):
 
 
 def _settings(bench, tmp_path, precision: str):
+    """Settings for one epoch of 128 images. Tests pass ``bench.engine_precision("auto")``: bf16 where the CPU has
+    bf16 kernels; elsewhere fp32, because bf16 convolutions then take PyTorch's reference path (minutes a step)."""
     return bench.SideBySideSettings(tmp_path, 1, 128, 1, tmp_path / "runs", method="ddae", recipe=bench.RECIPE,
                                     precision=precision, knn_at=(), diffusers_precision=precision)
 
 
 def test_diffusers_worker_trains_an_epoch_and_sends_the_ema_weights(bench, tiny_images, tmp_path):
     pipe = FakePipe()
-    bench.diffusers_worker(_settings(bench, tmp_path, "bf16-mixed"), pipe)
+    bench.diffusers_worker(_settings(bench, tmp_path, bench.engine_precision("auto")), pipe)
     (report,) = pipe.sent
     assert report.images == 128 and report.seconds > 0
     assert 0.5 < report.loss < 1.5  # one step from init: the MSE of a near-zero noise prediction, about E[eps^2] = 1
@@ -114,8 +116,9 @@ def test_sslbench_worker_runs_ddae_with_the_settings_recipe_and_precision(bench,
 
     monkeypatch.setattr(sslbench.engine, "pretrain", recording_pretrain)
     pipe = FakePipe()
-    bench.sslbench_worker(_settings(bench, tmp_path, "bf16-mixed"), pipe)
-    assert [run.precision for run in runs] == ["bf16-mixed"]
+    precision = bench.engine_precision("auto")
+    bench.sslbench_worker(_settings(bench, tmp_path, precision), pipe)
+    assert [run.precision for run in runs] == [precision]
     (report,) = pipe.sent
     assert report.images == 128 and 0.5 < report.loss < 1.5
     encoder = bench.readout_encoder("sslbench", report.encoder_state)
@@ -138,13 +141,19 @@ def test_both_sides_start_from_pytorch_default_initialisation(bench):
     assert torch.count_nonzero(encoder.unet.out.conv.weight) == encoder.unet.out.conv.weight.numel()
 
 
-def test_the_lean_unet_is_read_at_the_same_places(bench):
+def test_the_lean_and_patched_unets_are_read_at_the_same_places(bench):
     small, lean = bench.recipe("small")["backbone"], bench.recipe("small-lean")["backbone"]
     assert small == bench.RECIPE["backbone"] and lean["unet"]["init"] == "pytorch"
     assert bench.readout_blocks("sslbench", small) == bench.readout_blocks("diffusers", small) == ("mid", "up1.1")
     assert bench.readout_blocks("sslbench", lean) == ("mid", "up1.0")
     encoder = bench.readout_encoder("sslbench", None, lean)
     assert encoder.unet.block_stride("up1.0") == 2 and bench.parameter_count("sslbench", lean) == 754_531
+    # On 2x2 patches the stride-2 maps are level 0's: the last of its decoder ResBlocks is read.
+    patched = bench.recipe("small-p2")["backbone"]
+    assert patched["unet"] == {**small["unet"], "patch_size": 2, "attention_resolutions": [8]}
+    assert bench.parameter_count("sslbench", patched) == 1_119_148
+    assert bench.readout_blocks("sslbench", patched) == ("mid", "up0.1")
+    assert bench.readout_encoder("sslbench", None, patched).unet.block_stride("up0.1") == 2
 
 
 def test_auto_precision_takes_bf16_only_where_the_cpu_has_native_bf16_kernels(bench, monkeypatch):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sslbench.backbones.unet import UNET_PRESETS, UNet, UNetConfig, attention, timestep_embedding, unet_config_dict
 from sslbench.errors import ConfigError
@@ -210,5 +211,30 @@ def test_config_validation_and_json_round_trip():
         UNetConfig(channel_mults=(1, 2), attention_resolutions=(4,))
     with pytest.raises(ConfigError, match="groups"):
         UNetConfig(base_channels=24, groups=32)
+    with pytest.raises(ConfigError, match="patch_size and every channel_mult must be >= 1"):
+        UNetConfig(patch_size=0)
+    # Attention strides count image pixels: on 2x2 patches the levels are at 2, 4, 8.
+    with pytest.raises(ConfigError, match=r"attention_resolutions \[1\] are not level strides; use some of \[2, 4, 8\]"):
+        UNetConfig(channel_mults=(1, 2, 2), patch_size=2, attention_resolutions=(1,))
     config = UNET_PRESETS["small"]
     assert UNetConfig(**json.loads(json.dumps(unet_config_dict(config)))) == config
+
+
+def test_patches_fold_into_channels_before_the_first_conv_and_unfold_from_the_output():
+    config = UNetConfig(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0,
+                        groups=8, patch_size=2)
+    unet = random_unet(config)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 40])
+    names = unet.block_names()
+    features = unet.forward_features(x, t, names)
+    # The first conv reads 2x2 patches as 12 channels; every level runs at half the image's resolution.
+    assert unet.conv_in.in_channels == 12
+    assert torch.allclose(features["in"], unet.conv_in(F.pixel_unshuffle(x, 2)), atol=1e-6)
+    for name in names[:-1]:
+        assert unet.block_stride(name) in (2, 4)
+        assert features[name].shape[-1] == 16 // unet.block_stride(name), name
+    assert unet.block_stride("mid") == 4 and features["mid"].shape[-2:] == (4, 4)
+    # The output head predicts 12 channels per patch, unfolded back to the image grid.
+    expected = F.pixel_shuffle(unet.out(features[names[-2]]), 2)
+    assert features["out"].shape == x.shape and torch.allclose(features["out"], expected, atol=1e-6)
+    assert torch.allclose(unet(x, t), expected, atol=1e-6)

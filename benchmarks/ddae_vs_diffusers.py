@@ -74,6 +74,13 @@ so it is no preset."""
 UNETS = ("small", "small-lean", *VARIANTS)
 """sslbench's U-Nets this benchmark trains: ``small`` is diffusers' network layer for layer; ``small-lean`` has
 the same channels and a lean decoder (one ResBlock per level, no convolution after upsampling); see ``VARIANTS``."""
+DIFFERENCES = {
+    "small-lean": ["diffusers' decoder has 2 ResBlocks per level and a conv after each upsampling, sslbench's",
+                   "`unet-small-lean` 1 and none."],
+    "small-p2": ["sslbench's `unet-small-p2` folds 2x2 pixel patches into channels before its first conv, so its",
+                 "levels run at 16x16, 8x8 and 4x4 (attention at 4x4) where diffusers' run at 32x32, 16x16 and 8x8."],
+}
+"""How each U-Net other than ``small`` differs from diffusers' model, for the report."""
 
 
 def recipe(unet: str = "small") -> dict[str, Any]:
@@ -283,9 +290,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         *(["- Same network on both sides (32/64/64 channels, 1 ResBlock per encoder level, 2 per decoder level, one-head",
             "  attention at 8x8 and in the middle block, GroupNorm 32), same seed, images, batch order, flip, DDPM loss"]
           if report["unet"] == "small" else
-          [f"- Same channels on both sides (32/64/64, 1 ResBlock per encoder level, one-head attention at 8x8 and in the",
-           "  middle block, GroupNorm 32); diffusers' decoder has 2 ResBlocks per level and a conv after each upsampling,",
-           f"  sslbench's `unet-{report['unet']}` 1 and none. Same seed, images, batch order, flip, DDPM loss"]),
+          ["- Same channels on both sides (32/64/64, 1 ResBlock per encoder level, one-head attention at the last level",
+           "  and in the middle block, GroupNorm 32); " + DIFFERENCES[report["unet"]][0],
+           "  " + DIFFERENCES[report["unet"]][1] + " Same seed, images, batch order, flip, DDPM loss"]),
         "  (T = 1000 linear betas), batch 128, AdamW 2e-4, cosine, EMA 0.9999 with warm-up; epochs alternate A B, B A.",
         "- Readout of the EMA weights, one code for both: noise level t, block map averaged over space, weighted kNN",
         f"  (k = 200, T = 0.1), bank = {report['bank']} training images, {report['queries']} test queries; sslbench stops",

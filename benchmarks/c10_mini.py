@@ -296,8 +296,8 @@ def main() -> None:
                           backbone=recipe["backbone"], options=recipe["options"], train={**recipe["train"], "epochs": args.epochs, "seed": args.seed},
                           callbacks=[monitor])
         trained, meta = load_encoder(result.out)
-        report["methods"][method] = {  # the training settings as the engine resolved them (with method defaults)
-            "backbone": recipe["backbone"], "train": meta["train"], "options": recipe["options"],
+        report["methods"][method] = {  # training settings and options as the engine resolved them (parsed, with defaults)
+            "backbone": recipe["backbone"], "train": meta["train"], "options": meta["options"],
             "seconds_per_epoch": sum(result.epoch_seconds) / len(result.epoch_seconds),
             "images_per_second": result.images_per_second, "peak_memory_mb": result.peak_memory_mb,
             "final_loss": result.final_loss, "knn_top1": monitor.scores, "wall_seconds": time.perf_counter() - start,

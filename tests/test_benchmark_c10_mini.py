@@ -67,7 +67,7 @@ def test_limit_smoke_run_reports_that_it_is_not_the_protocol(c10_mini, tmp_path,
     _cifar10(tmp_path, train_per_batch=52, test=8)
     report = tmp_path / "report.json"
     monkeypatch.setattr(sys, "argv", ["c10_mini.py", "--data-root", str(tmp_path), "--methods", "simclr", "--limit", "256",
-                                      "--epochs", "1", "--seed", "3", "--threads", "1", "--linear", "--linear-epochs", "1",
+                                      "--epochs", "1", "--seed", "3", "--threads", "1", "--linear", "--linear-epochs", "1", "--set", "temperature=0.2",
                                       "--out", str(tmp_path / "runs"), "--json", str(report)])
     c10_mini.main()
     result = json.loads(report.read_text())
@@ -76,6 +76,7 @@ def test_limit_smoke_run_reports_that_it_is_not_the_protocol(c10_mini, tmp_path,
     run = result["methods"]["simclr"]
     assert set(run["knn_top1"]) == {"1"} and 0.0 <= run["knn_top1"]["1"] <= 1.0
     assert run["train"]["seed"] == 3 and run["train"]["epochs"] == 1
+    assert run["options"]["temperature"] == 0.2 and run["options"]["projection_hidden"] == 512  # parsed, with defaults
     assert 0.0 <= run["linear_top1"] <= 1.0
     assert set(result["floors"]) == {"raw pixels", "random init (simclr backbone)", "random init (simclr backbone), linear"}
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from sslbench.backbones.base import Encoder, Features
+from sslbench.backbones.base import Encoder, Features, spec_kwargs
 from sslbench.backbones.resnet import RESNET_LAYOUTS, ResNet
 from sslbench.errors import ConfigError
 
 
 def _resnet(spec: dict[str, Any]) -> Encoder:
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "backbone"}
-    return ResNet(depth=spec["backbone"], **kwargs)
+    return ResNet(**{**spec_kwargs(ResNet, spec, f"backbone {spec['backbone']!r}"), "depth": spec["backbone"]})
 
 
 def _ddpm_unet(spec: dict[str, Any]) -> Encoder:
@@ -27,8 +26,7 @@ def _ddpm_unet(spec: dict[str, Any]) -> Encoder:
 def _vit(spec: dict[str, Any]) -> Encoder:
     from sslbench.backbones.vit import VisionTransformer
 
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "backbone"}
-    return VisionTransformer(**kwargs)
+    return VisionTransformer(**spec_kwargs(VisionTransformer, spec, "backbone 'vit'"))
 
 
 def _timm(spec: dict[str, Any]) -> Encoder:
@@ -116,13 +114,7 @@ def build_encoder(spec: dict[str, Any], pretrained: bool = True) -> Encoder:
         raise ConfigError(f"unknown backbone {name!r}; use one of {', '.join(sorted(BACKBONES))}")
     if not pretrained and spec.get("pretrained"):
         spec = {**spec, "pretrained": False}
-    try:
-        return BACKBONES[name](spec)
-    except TypeError as error:  # a constructor called with a key it does not take: a typo in a spec, or a stale one
-        if "unexpected keyword argument" not in str(error):
-            raise
-        raise ConfigError(f"backbone spec {spec} has a key that backbone {name!r} does not take ({error}); "
-                          "remove the key or correct its spelling") from None
+    return BACKBONES[name](spec)
 
 
 __all__ = ["BACKBONES", "Encoder", "Features", "backbone_spec", "build_encoder"]

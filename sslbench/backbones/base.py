@@ -8,10 +8,14 @@ for global tasks and a dict of feature maps keyed by stride for dense tasks.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from sslbench.errors import ConfigError
 
 
 @dataclass
@@ -55,3 +59,25 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+def spec_kwargs(constructor: Callable[..., Any], spec: dict[str, Any], what: str,
+                supplied: tuple[str, ...] = ("backbone",)) -> dict[str, Any]:
+    """The keyword arguments ``spec`` gives ``constructor`` (JSON lists back to tuples), checked against its signature;
+    the keys in ``supplied`` are left out, and the caller passes those arguments itself.
+
+    A spec key the constructor does not take (a typo, or a key from another version) and a required argument the
+    spec lacks are ConfigErrors that name the key. Checking the signature first, rather than catching the
+    TypeError of the call, keeps a TypeError raised inside a constructor (a bug) from reading as a bad spec.
+    """
+    kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in spec.items() if key not in supplied}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    parameters = {name: p for name, p in inspect.signature(constructor).parameters.items() if p.kind in named}
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown:
+        raise ConfigError(f"{what} spec has {'keys' if len(unknown) > 1 else 'a key'} it does not take ({', '.join(map(repr, unknown))}); "
+                          f"remove or correct {'them' if len(unknown) > 1 else 'it'} (it takes {', '.join(map(repr, parameters))})")
+    missing = [name for name, p in parameters.items() if p.default is inspect.Parameter.empty and name not in kwargs and name not in supplied]
+    if missing:
+        raise ConfigError(f"{what} spec lacks {', '.join(map(repr, missing))}; write it with the encoder's .spec")
+    return kwargs

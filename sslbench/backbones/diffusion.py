@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sslbench.backbones.base import Encoder, Features
+from sslbench.backbones.base import Encoder, Features, spec_kwargs
 from sslbench.backbones.unet import UNet, UNetConfig, unet_config_dict
 from sslbench.errors import ConfigError
 
@@ -214,10 +214,8 @@ def diffusion_encoder_from_spec(spec: dict) -> DiffusionEncoder:
     """Rebuild a (randomly initialised) ``DiffusionEncoder`` from its ``spec``; load weights after."""
     if spec.get("backbone") != "ddpm_unet":
         raise ConfigError(f"spec backbone {spec.get('backbone')!r} is not a diffusion U-Net; expected 'ddpm_unet'")
-    try:
-        unet = UNet(UNetConfig(**spec["unet"]))
-        schedule = schedule_from_spec(spec.get("schedule", {}))
-        return DiffusionEncoder(unet, t=spec["t"], block=spec["block"], pyramid_blocks=spec.get("pyramid_blocks"),
-                                noise_seed=spec.get("noise_seed", 0), schedule=schedule)
-    except (KeyError, TypeError) as error:
-        raise ConfigError(f"diffusion encoder spec is malformed ({error}); it needs 'unet', 't' and 'block' as written by DiffusionEncoder.spec") from error
+    if not isinstance(spec.get("unet"), dict):
+        raise ConfigError("diffusion encoder spec lacks its 'unet' config; write it with DiffusionEncoder.spec")
+    encoder_kwargs = spec_kwargs(DiffusionEncoder, spec, "diffusion encoder", supplied=("backbone", "unet", "schedule"))
+    unet = UNet(UNetConfig(**spec_kwargs(UNetConfig, spec["unet"], "diffusion U-Net", supplied=())))
+    return DiffusionEncoder(unet, **encoder_kwargs, schedule=schedule_from_spec(spec.get("schedule", {})))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslbench.backbones.base import Encoder, Features
+from sslbench.backbones.base import Encoder, Features, spec_kwargs
 from sslbench.backbones.palette import ColourPalette
 from sslbench.errors import ConfigError
 
@@ -143,7 +143,4 @@ class ImageGPTEncoder(Encoder):
 
 def igpt_encoder_from_spec(spec: dict) -> ImageGPTEncoder:
     """Rebuild a (randomly initialised, palette not fitted) ``ImageGPTEncoder`` from its ``spec``; load weights after."""
-    try:
-        return ImageGPTEncoder(**{key: value for key, value in spec.items() if key != "backbone"})
-    except TypeError as error:
-        raise ConfigError(f"iGPT encoder spec is malformed ({error}); write it with ImageGPTEncoder.spec") from error
+    return ImageGPTEncoder(**spec_kwargs(ImageGPTEncoder, spec, "iGPT encoder"))

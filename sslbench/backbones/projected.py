@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from sslbench.backbones.base import Encoder, Features
+from sslbench.errors import ConfigError
 
 PROJECTED = "projected"
 """The ``backbone`` name of a projected encoder's spec."""
@@ -57,5 +58,7 @@ def projected_encoder_from_spec(spec: dict[str, Any]) -> ProjectedEncoder:
     from sslbench.backbones import build_encoder
     from sslbench.methods.parts import MLPHead
 
+    if missing := [key for key in ("encoder", "head_dims") if key not in spec]:
+        raise ConfigError(f"projected encoder spec lacks {', '.join(map(repr, missing))}; write it with ProjectedEncoder.spec")
     encoder = build_encoder(spec["encoder"], pretrained=bool(spec.get("pretrained", False)))
     return ProjectedEncoder(encoder, MLPHead([encoder.pooled_dim, *spec["head_dims"]], output_layer=False))

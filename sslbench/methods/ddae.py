@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslbench.backbones.base import Encoder
+from sslbench.backbones.base import Encoder, spec_kwargs
 from sslbench.backbones.diffusion import DDPMSchedule, DiffusionEncoder, DiffusionSchedule
 from sslbench.backbones.unet import UNET_PRESETS, UNet, UNetConfig
 from sslbench.errors import ConfigError
@@ -79,7 +79,8 @@ class DDAE(PretrainMethod):
 
     def build_encoder(self) -> Encoder:
         o = self.options
-        config = UNetConfig(**self.backbone_spec["unet"]) if "unet" in self.backbone_spec else UNET_PRESETS.get(o.unet)
+        config = (UNetConfig(**spec_kwargs(UNetConfig, self.backbone_spec["unet"], "diffusion U-Net", supplied=()))
+                  if "unet" in self.backbone_spec else UNET_PRESETS.get(o.unet))
         if config is None:
             raise ConfigError(f"unknown U-Net preset unet={o.unet!r}; use one of {', '.join(UNET_PRESETS)}")
         return DiffusionEncoder(UNet(config), t=self.readout_level, block=o.readout_block, schedule=self.make_schedule())

@@ -120,7 +120,7 @@ def test_bad_readouts_are_config_errors():
         DiffusionEncoder(unet, t=0, block="middle")
     with pytest.raises(ConfigError, match="one block per stride"):
         DiffusionEncoder(unet, t=0, block="mid", pyramid_blocks=["down2.0", "mid"])
-    with pytest.raises(ConfigError, match="malformed"):
+    with pytest.raises(ConfigError, match="lacks its .unet. config"):
         diffusion_encoder_from_spec({"backbone": "ddpm_unet", "t": 3})
 
 

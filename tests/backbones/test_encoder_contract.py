@@ -66,8 +66,28 @@ def test_unknown_backbone_is_a_config_error(name):
 
 @pytest.mark.parametrize("name", ["resnet18", "vit-nano"])
 def test_a_spec_key_the_backbone_does_not_take_is_a_config_error(name):
-    with pytest.raises(ConfigError, match="has a key that backbone .* does not take .*poool.*correct its spelling"):
+    with pytest.raises(ConfigError, match=r"spec has a key it does not take \('poool'\); remove or correct it \(it takes '"):
         build_encoder({**backbone_spec(name), "poool": "mean"})
+
+
+def test_a_diffusion_spec_with_a_stale_unet_key_or_no_readout_block_is_a_config_error():
+    spec = backbone_spec("unet-tiny")
+    with pytest.raises(ConfigError, match=r"diffusion U-Net spec has a key it does not take \('channel_mult'\)"):
+        build_encoder({**spec, "unet": {**spec["unet"], "channel_mult": [1, 2]}})
+    with pytest.raises(ConfigError, match=r"diffusion encoder spec lacks 'block'"):
+        build_encoder({key: value for key, value in spec.items() if key != "block"})
+    with pytest.raises(ConfigError, match=r"lacks its 'unet' config"):
+        build_encoder({key: value for key, value in spec.items() if key != "unet"})
+
+
+def test_a_type_error_inside_a_backbone_constructor_is_not_reported_as_a_bad_spec(monkeypatch):
+    """A bug in a constructor (here a TypeError raised inside it) must surface as itself, not as advice to fix the spec."""
+    def broken(depth: str = "resnet18", width: float = 1.0, stem: str = "cifar"):
+        raise TypeError("unsupported operand type(s) for *: 'NoneType' and 'int'")
+
+    monkeypatch.setattr("sslbench.backbones.ResNet", broken)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        build_encoder(backbone_spec("resnet18"))
 
 
 def test_bad_width_is_a_config_error():
@@ -86,3 +106,8 @@ def test_resnet_runs_in_the_layout_of_its_weights_whatever_the_layout_of_its_inp
         features = encoder(images.contiguous(memory_format=torch.channels_last))
     assert all(m.is_contiguous(memory_format=layout) for m in features.maps.values())
     assert torch.allclose(features.pooled, reference, atol=1e-5)
+
+
+def test_a_projected_spec_without_its_head_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"projected encoder spec lacks 'head_dims'"):
+        build_encoder({"backbone": "projected", "encoder": backbone_spec("resnet18", 0.25)})

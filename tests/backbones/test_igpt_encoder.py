@@ -92,5 +92,5 @@ def test_bad_sizes_are_config_errors(overrides, message):
 
 
 def test_malformed_spec_is_a_config_error():
-    with pytest.raises(ConfigError, match="iGPT encoder spec is malformed"):
+    with pytest.raises(ConfigError, match=r"iGPT encoder spec has a key it does not take \('layers'\)"):
         build_encoder({"backbone": "igpt", "layers": 3})

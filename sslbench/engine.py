@@ -397,16 +397,18 @@ def worker_error_message(error: DataError) -> str:
     return message if found and not head else last
 
 
-def check_resume_settings(last: Path, settings: dict[str, Any], legacy_options: dict[str, Any] | None = None) -> None:
+def check_resume_settings(last: Path, settings: dict[str, Any], legacy: dict[str, dict[str, Any]] | None = None) -> None:
     """Refuse to resume a run with other settings than it was started with (``settings``: the hyper-parameters the
     method saves). A changed lr, option or backbone would continue the run on another schedule or objective and
     silently give numbers that belong to neither run. The epoch count may change, to extend a run (the schedule
-    then spans the new total). An option the checkpoint lacks was added since the run started: it is compared with
-    ``legacy_options`` (the method's ``Options.legacy``, the value such runs trained with) where that names it, and
-    otherwise not compared, as the option then did not change what older runs did."""
+    then spans the new total). A setting the checkpoint lacks was added since the run started: it is compared with
+    ``legacy[section]`` (the method's ``Options.legacy`` for "options", ``TrainConfig.legacy`` for "train": the value
+    such runs trained with) where that names it, and otherwise not compared, as it then did not change what older
+    runs did."""
     saved = torch.load(last, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    if "options" in saved and legacy_options:
-        saved = {**saved, "options": {**legacy_options, **saved["options"]}}
+    for section, values in (legacy or {}).items():
+        if isinstance(saved.get(section), dict) and values:
+            saved = {**saved, section: {**values, **saved[section]}}
 
     def plain(value: Any) -> Any:  # tuples and lists, paths and strings compare as they print
         return json.loads(json.dumps(value, default=str))
@@ -467,7 +469,7 @@ def pretrain(method_name: str, images: torch.Tensor | ImageFiles, run: RunConfig
     data = training_data(images, train_config.batch_size, train_config.seed, run, method_name, dataset_masks)
     module = cls(backbone, method_options, train_config, data.image_size, data.steps_per_epoch)
     if run.resume:
-        check_resume_settings(last, dict(module.hparams), getattr(cls.Options, "legacy", {}))
+        check_resume_settings(last, dict(module.hparams), {"options": getattr(cls.Options, "legacy", {}), "train": TrainConfig.legacy})
     # On resume the checkpoint restores this state (recomputing it could differ); methods without any never
     # make a stream decode its sample.
     if not run.resume and cls.initialise_from_data is not PretrainMethod.initialise_from_data:

@@ -37,7 +37,13 @@ class TrainConfig:
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 0.0
+    final_lr_scale: float = 0.0
+    """The cosine schedule ends at ``lr * final_lr_scale`` (0: the usual decay to 0; 1: a constant lr after warm-up).
+    Methods without negatives learn from a moving target, and on short schedules they lose most while the lr decays
+    (BYOL on C10-mini, methods_c10_mini.md), so a schedule may stop short of 0."""
     seed: int = 0
+    legacy: ClassVar[dict[str, Any]] = {"final_lr_scale": 0.0}
+    """What checkpoints from before a setting existed trained with (``engine.check_resume_settings``)."""
 
     def validate(self) -> None:
         check_range("epochs", self.epochs, 1)
@@ -45,6 +51,7 @@ class TrainConfig:
         check_range("lr", self.lr, 0.0)
         check_range("weight_decay", self.weight_decay, 0.0)
         check_range("warmup_epochs", self.warmup_epochs, 0.0)
+        check_range("final_lr_scale", self.final_lr_scale, 0.0, 1.0)
         if not all(0.0 <= beta < 1.0 for beta in self.betas):
             raise ConfigError(f"option betas={self.betas} is out of range; use two values in [0, 1), e.g. betas=0.9,0.95")
         if self.optimizer not in ("sgd", "lars", "adamw", "adam"):
@@ -214,7 +221,8 @@ class PretrainMethod(L.LightningModule):
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+            cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+            return cfg.final_lr_scale + (1 - cfg.final_lr_scale) * cosine
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

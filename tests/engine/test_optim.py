@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -70,3 +71,27 @@ def test_no_method_option_shadows_a_training_setting(method):
     # name (MoCo's key momentum was once ``momentum``) could never be set from the command line.
     options = {field.name for field in dataclasses.fields(METHODS[method].Options)}
     assert not options & {field.name for field in dataclasses.fields(TrainConfig)}
+
+
+@pytest.mark.parametrize("final_lr_scale", [0.0, 0.25, 1.0])
+def test_the_schedule_warms_up_then_follows_a_cosine_down_to_the_final_lr_scale(final_lr_scale):
+    method = SimCLR({"backbone": "resnet18", "width": 0.125, "stem": "cifar"}, SimCLR.Options(),
+                    TrainConfig(epochs=3, lr=0.4, warmup_epochs=1, final_lr_scale=final_lr_scale), image_size=16, steps_per_epoch=4)
+    config = method.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])  # linear warm-up over the first epoch's 4 steps
+    # After warm-up, step k of 8: 0.4 * (s + (1 - s) * (1 + cos(pi k / 8)) / 2), ending at 0.4 * s.
+    expected = [0.4 * (final_lr_scale + (1 - final_lr_scale) * 0.5 * (1 + math.cos(math.pi * k / 8))) for k in range(9)]
+    assert lrs[4:] == pytest.approx(expected)
+    assert lrs[-1] == pytest.approx(0.4 * final_lr_scale)
+
+
+def test_a_final_lr_scale_outside_0_1_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"final_lr_scale=1.5 is out of range; use a value in \[0.0, 1.0\]"):
+        TrainConfig(final_lr_scale=1.5).validate()

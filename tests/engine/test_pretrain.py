@@ -142,6 +142,17 @@ def test_resume_with_other_settings_than_the_run_refuses_naming_the_setting(tmp_
     assert len(_run(tmp_path, "a", scenes, "simclr", RESNET, 2, resume=True, lr=0.1).epoch_losses) == 1
 
 
+def test_a_run_from_before_final_lr_scale_resumes_only_with_the_decay_to_0_it_trained_with(tmp_path, scenes):
+    _run(tmp_path, "a", scenes, "simclr", RESNET, 2, stop_after=1)
+    last = tmp_path / "a" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    del checkpoint["hyper_parameters"]["train"]["final_lr_scale"]  # as written before the setting existed
+    torch.save(checkpoint, last)
+    with pytest.raises(ConfigError, match=r"trained with train.final_lr_scale=0.0 and this command gives 1.0"):
+        _run(tmp_path, "a", scenes, "simclr", RESNET, 2, resume=True, final_lr_scale=1.0)
+    assert len(_run(tmp_path, "a", scenes, "simclr", RESNET, 2, resume=True).epoch_losses) == 1
+
+
 def test_nan_loss_stops_with_a_clear_error(tmp_path, scenes):
     with pytest.raises(SslbenchError, match="loss became nan.*lower the learning rate"):
         _run(tmp_path, "nan", scenes, "simclr", RESNET, 1, lr=1e30)

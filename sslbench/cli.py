@@ -5,6 +5,7 @@ Every user mistake ends in one line on stderr that names the thing and the fix, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -86,7 +87,7 @@ def pretrain(
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; use one of {', '.join(sorted(METHODS))}")
     overrides = {**(load_yaml(config) if config else {}), **parse_pairs(set_)}
-    train_keys = set(TrainConfig.__dataclass_fields__)
+    train_keys = {field.name for field in dataclasses.fields(TrainConfig)}  # not the ClassVar legacy
     train = {k: v for k, v in overrides.items() if k in train_keys}
     options = {k: v for k, v in overrides.items() if k not in train_keys}
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):

@@ -16,6 +16,8 @@ from PIL import Image
     (["pretrain", "--method", "simclr", "--set", "temperature"], "is not KEY=VALUE"),
     (["pretrain", "--method", "simclr", "--set", "temprature=0.1", "--limit", "64"], "unknown option 'temprature'"),
     (["pretrain", "--method", "simclr", "--set", "lr=fast", "--limit", "64"], "lr='fast' is not a valid float"),
+    (["pretrain", "--method", "simclr", "--set", "final_lr_scale=2", "--limit", "64"], "final_lr_scale=2.0 is out of range"),
+    (["pretrain", "--method", "simclr", "--set", "legacy=1", "--limit", "64"], "unknown option 'legacy'"),  # a ClassVar, not a setting
     (["pretrain", "--method", "simclr", "--data", "cifar10"], "needs --data-root"),
     (["pretrain", "--method", "simclr", "--data", "cifar10", "--stream", "--image-size", "32"],
      "--stream reads a folder of image files and works with --data folder only; drop --stream to load cifar10 in memory"),

@@ -23,14 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from sslbench.data import load_dataset
-from sslbench.methods import METHODS, TrainConfig
+from sslbench.engine import load_training_module
 from sslbench.methods.parts import pooled_by_resolution
-
-
-def build(hparams: dict) -> torch.nn.Module:
-    method = METHODS[hparams["method"]]
-    return method(hparams["backbone"], method.Options(**hparams["options"]), TrainConfig(**hparams["train"]),
-                  image_size=hparams["image_size"], steps_per_epoch=hparams["steps_per_epoch"])
 
 
 def mean_pairwise_cosine(x: torch.Tensor) -> float:
@@ -64,13 +58,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    hparams = checkpoint["hyper_parameters"]
     images = load_dataset("cifar10", args.data_root, "train", limit=args.images).images
+    trained = load_training_module(args.checkpoint)
     torch.manual_seed(0)
-    random_init = build(hparams)
-    trained = build(hparams)
-    trained.load_state_dict(checkpoint["state_dict"])
+    random_init = type(trained)(trained.backbone_spec, trained.options, trained.train_config, trained.image_size, trained.steps_per_epoch)
+    hparams = trained.hparams
     print(f"{args.checkpoint} ({hparams['method']}, options {hparams['options']}, train {hparams['train']})")
     for label, module in (("random init", random_init), ("trained", trained)):
         stats = head_statistics(module, images)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -319,6 +320,30 @@ def load_encoder(path: Path) -> tuple[Encoder, dict[str, Any]]:
         raise SslbenchError(f"checkpoint {weights} does not match its spec ({len(missing)} missing, {len(unexpected)} unexpected tensors); re-export it")
     encoder.eval()
     return encoder, meta
+
+
+def load_training_module(path: Path) -> Any:
+    """The whole method of a training checkpoint (``last.ckpt``): encoder, heads, EMA target or teacher, queues and
+    centres, in eval mode. The exported encoder is what tasks evaluate; this is for inspecting what it leaves out
+    (a DINO student, a BYOL target, SwAV's prototypes). Options the checkpoint predates take ``Options.legacy``."""
+    from sslbench.config import apply_overrides
+    from sslbench.methods import METHODS, TrainConfig
+
+    if not Path(path).is_file():
+        raise SslbenchError(f"training checkpoint {path} not found; pass the {LAST_CHECKPOINT} in the output folder of 'sslbench pretrain'")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        hparams = checkpoint["hyper_parameters"]
+        cls = METHODS[hparams["method"]]
+        where = f" in {path}"
+        options = apply_overrides(cls.Options(), {**getattr(cls.Options, "legacy", {}), **hparams["options"]}, where)
+        train = apply_overrides(TrainConfig(), hparams["train"], where)
+        module = cls(hparams["backbone"], options, train, image_size=hparams["image_size"], steps_per_epoch=hparams["steps_per_epoch"])
+        module.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, RuntimeError, OSError, pickle.UnpicklingError) as exc:
+        raise SslbenchError(f"{path} is not a readable sslbench training checkpoint ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); pass the {LAST_CHECKPOINT} that 'sslbench pretrain' wrote") from None
+    return module.eval()
 
 
 @dataclass

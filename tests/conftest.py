@@ -1,9 +1,11 @@
 """Test-wide settings."""
 
 import importlib.util
+import pickle
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,3 +47,22 @@ def load_benchmark():
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def write_cifar10():
+    """``write_cifar10(ROOT, train_per_batch, test)`` writes random pixels (labels cycling 0-9) in CIFAR-10's official
+    python layout under ``ROOT/cifar-10-batches-py``: the benchmarks' input, without the real data."""
+
+    def write(root: Path, train_per_batch: int, test: int) -> None:
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        batches = [(f"data_batch_{b + 1}", train_per_batch) for b in range(5)] + [("test_batch", test)]
+        for name, n in batches:
+            with open(folder / name, "wb") as file:
+                pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n)]}, file)
+        with open(folder / "batches.meta", "wb") as file:
+            pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, file)
+
+    return write

@@ -1,11 +1,8 @@
 """benchmarks/c10_mini.py: a recipe for every method that builds, and a --limit smoke run that says it is one."""
 
 import json
-import pickle
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -50,21 +47,8 @@ def test_backbone_sizes_match_the_recipe_notes(c10_mini):
     assert count_parameters(build_encoder(c10_mini.VIT_MINI)) == pytest.approx(1.2e6, rel=0.05)
 
 
-def _cifar10(root: Path, train_per_batch: int, test: int) -> None:
-    """Random pixels in the official python-version layout."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    batches = [(f"data_batch_{b + 1}", train_per_batch) for b in range(5)] + [("test_batch", test)]
-    for name, n in batches:
-        with open(folder / name, "wb") as file:
-            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n)]}, file)
-    with open(folder / "batches.meta", "wb") as file:
-        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, file)
-
-
-def test_limit_smoke_run_reports_that_it_is_not_the_protocol(c10_mini, tmp_path, monkeypatch):
-    _cifar10(tmp_path, train_per_batch=52, test=8)
+def test_limit_smoke_run_reports_that_it_is_not_the_protocol(c10_mini, tmp_path, monkeypatch, write_cifar10):
+    write_cifar10(tmp_path, train_per_batch=52, test=8)
     report = tmp_path / "report.json"
     monkeypatch.setattr(sys, "argv", ["c10_mini.py", "--data-root", str(tmp_path), "--methods", "simclr", "--limit", "256",
                                       "--epochs", "1", "--seed", "3", "--threads", "1", "--linear", "--linear-epochs", "1", "--set", "temperature=0.2",

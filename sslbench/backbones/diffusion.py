@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from sslbench.backbones.base import Encoder, Features, spec_kwargs
-from sslbench.backbones.unet import UNet, UNetConfig, unet_config_dict
+from sslbench.backbones.unet import UNet, unet_config_dict, unet_config_from_dict
 from sslbench.errors import ConfigError
 
 
@@ -217,5 +217,5 @@ def diffusion_encoder_from_spec(spec: dict) -> DiffusionEncoder:
     if not isinstance(spec.get("unet"), dict):
         raise ConfigError("diffusion encoder spec lacks its 'unet' config; write it with DiffusionEncoder.spec")
     encoder_kwargs = spec_kwargs(DiffusionEncoder, spec, "diffusion encoder", supplied=("backbone", "unet", "schedule"))
-    unet = UNet(UNetConfig(**spec_kwargs(UNetConfig, spec["unet"], "diffusion U-Net", supplied=())))
+    unet = UNet(unet_config_from_dict(spec["unet"]))
     return DiffusionEncoder(unet, **encoder_kwargs, schedule=schedule_from_spec(spec.get("schedule", {})))

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslbench.backbones.base import spec_kwargs
 from sslbench.errors import ConfigError
 
 
@@ -393,3 +394,9 @@ class UNet(nn.Module):
 def unet_config_dict(config: UNetConfig) -> dict:
     """The JSON-able form of a config (tuples as lists), as stored in encoder specs."""
     return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(config).items()}
+
+
+def unet_config_from_dict(values: dict) -> UNetConfig:
+    """The config a spec's ``unet`` entry describes (the inverse of ``unet_config_dict``); a key ``UNetConfig`` does not
+    take, or a stale one, is a ConfigError that names it."""
+    return UNetConfig(**spec_kwargs(UNetConfig, values, "diffusion U-Net", supplied=()))

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslbench.backbones.base import Encoder, spec_kwargs
+from sslbench.backbones.base import Encoder
 from sslbench.backbones.diffusion import DDPMSchedule, DiffusionEncoder, DiffusionSchedule
-from sslbench.backbones.unet import UNET_PRESETS, UNet, UNetConfig
+from sslbench.backbones.unet import UNET_PRESETS, UNet, unet_config_from_dict
 from sslbench.errors import ConfigError
 from sslbench.methods.base import PretrainMethod
 from sslbench.methods.parts import ema_update, frozen_copy
@@ -79,8 +79,7 @@ class DDAE(PretrainMethod):
 
     def build_encoder(self) -> Encoder:
         o = self.options
-        config = (UNetConfig(**spec_kwargs(UNetConfig, self.backbone_spec["unet"], "diffusion U-Net", supplied=()))
-                  if "unet" in self.backbone_spec else UNET_PRESETS.get(o.unet))
+        config = unet_config_from_dict(self.backbone_spec["unet"]) if "unet" in self.backbone_spec else UNET_PRESETS.get(o.unet)
         if config is None:
             raise ConfigError(f"unknown U-Net preset unet={o.unet!r}; use one of {', '.join(UNET_PRESETS)}")
         return DiffusionEncoder(UNet(config), t=self.readout_level, block=o.readout_block, schedule=self.make_schedule())

@@ -322,27 +322,43 @@ def load_encoder(path: Path) -> tuple[Encoder, dict[str, Any]]:
     return encoder, meta
 
 
+def legacy_settings(cls: type) -> dict[str, dict[str, Any]]:
+    """Per hyper-parameter section, the values that runs from before a setting existed trained with: the method's
+    ``Options.legacy`` and ``TrainConfig.legacy``. A checkpoint that lacks a setting is read with these."""
+    from sslbench.methods import TrainConfig
+
+    return {"options": getattr(cls.Options, "legacy", {}), "train": TrainConfig.legacy}
+
+
 def load_training_module(path: Path) -> Any:
     """The whole method of a training checkpoint (``last.ckpt``): encoder, heads, EMA target or teacher, queues and
     centres, in eval mode. The exported encoder is what tasks evaluate; this is for inspecting what it leaves out
-    (a DINO student, a BYOL target, SwAV's prototypes). Options the checkpoint predates take ``Options.legacy``."""
+    (a DINO student, a BYOL target, SwAV's prototypes). Settings the checkpoint predates take ``legacy_settings``."""
     from sslbench.config import apply_overrides
     from sslbench.methods import METHODS, TrainConfig
 
     if not Path(path).is_file():
         raise SslbenchError(f"training checkpoint {path} not found; pass the {LAST_CHECKPOINT} in the output folder of 'sslbench pretrain'")
+
+    def unreadable(exc: Exception) -> SslbenchError:
+        return SslbenchError(f"{path} is not a readable sslbench training checkpoint ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); pass the {LAST_CHECKPOINT} that 'sslbench pretrain' wrote")
+
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        hparams = checkpoint["hyper_parameters"]
+        hparams, state = checkpoint["hyper_parameters"], checkpoint["state_dict"]
         cls = METHODS[hparams["method"]]
-        where = f" in {path}"
-        options = apply_overrides(cls.Options(), {**getattr(cls.Options, "legacy", {}), **hparams["options"]}, where)
-        train = apply_overrides(TrainConfig(), hparams["train"], where)
-        module = cls(hparams["backbone"], options, train, image_size=hparams["image_size"], steps_per_epoch=hparams["steps_per_epoch"])
-        module.load_state_dict(checkpoint["state_dict"])
+        legacy, where = legacy_settings(cls), f" in {path}"
+        options = apply_overrides(cls.Options(), {**legacy["options"], **hparams["options"]}, where)
+        train = apply_overrides(TrainConfig(), {**legacy["train"], **hparams["train"]}, where)
+        backbone, image_size, steps_per_epoch = hparams["backbone"], hparams["image_size"], hparams["steps_per_epoch"]
     except (KeyError, RuntimeError, OSError, pickle.UnpicklingError) as exc:
-        raise SslbenchError(f"{path} is not a readable sslbench training checkpoint ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); pass the {LAST_CHECKPOINT} that 'sslbench pretrain' wrote") from None
+        raise unreadable(exc) from None
+    module = cls(backbone, options, train, image_size=image_size, steps_per_epoch=steps_per_epoch)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:  # tensors missing, unexpected or of another shape than the settings build
+        raise unreadable(exc) from None
     return module.eval()
 
 
@@ -427,8 +443,7 @@ def check_resume_settings(last: Path, settings: dict[str, Any], legacy: dict[str
     method saves). A changed lr, option or backbone would continue the run on another schedule or objective and
     silently give numbers that belong to neither run. The epoch count may change, to extend a run (the schedule
     then spans the new total). A setting the checkpoint lacks was added since the run started: it is compared with
-    ``legacy[section]`` (the method's ``Options.legacy`` for "options", ``TrainConfig.legacy`` for "train": the value
-    such runs trained with) where that names it, and otherwise not compared, as it then did not change what older
+    ``legacy[section]`` (``legacy_settings``: the value such runs trained with) where that names it, and otherwise not compared, as it then did not change what older
     runs did."""
     saved = torch.load(last, map_location="cpu", weights_only=False).get("hyper_parameters", {})
     for section, values in (legacy or {}).items():
@@ -494,7 +509,7 @@ def pretrain(method_name: str, images: torch.Tensor | ImageFiles, run: RunConfig
     data = training_data(images, train_config.batch_size, train_config.seed, run, method_name, dataset_masks)
     module = cls(backbone, method_options, train_config, data.image_size, data.steps_per_epoch)
     if run.resume:
-        check_resume_settings(last, dict(module.hparams), {"options": getattr(cls.Options, "legacy", {}), "train": TrainConfig.legacy})
+        check_resume_settings(last, dict(module.hparams), legacy_settings(cls))
     # On resume the checkpoint restores this state (recomputing it could differ); methods without any never
     # make a stream decode its sample.
     if not run.resume and cls.initialise_from_data is not PretrainMethod.initialise_from_data:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import platform
 import shutil
@@ -204,7 +203,7 @@ def split_overrides(pairs: list[str]) -> tuple[dict[str, str], dict[str, str], d
     two. A backbone key is written ``backbone.KEY`` (``backbone.pool=mean``, ``backbone.unet.init=pytorch``)."""
     from sslbench.methods import TrainConfig
 
-    train_keys = {field.name for field in dataclasses.fields(TrainConfig)}
+    train_keys = TrainConfig.keys()
     train, options, backbone = {}, {}, {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

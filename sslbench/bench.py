@@ -170,7 +170,7 @@ def _pretrain(value: Any, where: str) -> PretrainConfig:
     config = _typed(PretrainConfig, {k: value.pop(k) for k in ("backbone", "width") if k in value}, where)
     config.method, config.data = method, data
     cls = METHODS[method]
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_keys = TrainConfig.keys()
     option_keys = {f.name for f in dataclasses.fields(cls.Options)}
     unknown = sorted(set(value) - train_keys - option_keys)
     if unknown:

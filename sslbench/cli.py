@@ -87,7 +87,7 @@ def pretrain(
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; use one of {', '.join(sorted(METHODS))}")
     overrides = {**(load_yaml(config) if config else {}), **parse_pairs(set_)}
-    train_keys = {field.name for field in dataclasses.fields(TrainConfig)}  # not the ClassVar legacy
+    train_keys = TrainConfig.keys()
     train = {k: v for k, v in overrides.items() if k in train_keys}
     options = {k: v for k, v in overrides.items() if k not in train_keys}
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
@@ -237,8 +237,6 @@ def bench(config: Path = typer.Argument(..., help="YAML file: out, datasets, enc
 @app.command()
 def methods() -> None:
     """List the pretraining methods and their options with defaults."""
-    import dataclasses
-
     from sslbench.methods import METHODS
 
     for name, cls in METHODS.items():

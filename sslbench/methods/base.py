@@ -45,6 +45,12 @@ class TrainConfig:
     legacy: ClassVar[dict[str, Any]] = {"final_lr_scale": 0.0}
     """What checkpoints from before a setting existed trained with (``engine.check_resume_settings``)."""
 
+    @classmethod
+    def keys(cls) -> frozenset[str]:
+        """The names a run may set: the dataclass fields (the ClassVar ``legacy`` is not a setting). ``--set KEY=VALUE``
+        and bench configs route a key here when it is one of these, else to the method's options."""
+        return frozenset(field.name for field in dataclasses.fields(cls))
+
     def validate(self) -> None:
         check_range("epochs", self.epochs, 1)
         check_range("batch_size", self.batch_size, 2)

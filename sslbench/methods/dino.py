@@ -112,9 +112,9 @@ class DINOHead(nn.Module):
     ``DINOHead._init_weights``; the last layer keeps its own initialisation (see ``NormalizedLinear``).
     """
 
-    def __init__(self, in_dim: int, hidden: int, bottleneck: int, prototypes: int, batch_norm: bool = False):
+    def __init__(self, in_dim: int, hidden: int, bottleneck: int, prototypes: int, batch_norm: bool = False, layers: int = 3):
         super().__init__()
-        self.mlp = MLPHead([in_dim, hidden, hidden, bottleneck], batch_norm=batch_norm, activation=nn.GELU)
+        self.mlp = MLPHead([in_dim, *[hidden] * (layers - 1), bottleneck], batch_norm=batch_norm, activation=nn.GELU)
         for layer in self.mlp.modules():
             if isinstance(layer, nn.Linear):
                 nn.init.trunc_normal_(layer.weight, std=0.02)
@@ -147,6 +147,9 @@ class DINOOptions:
     """BatchNorm after the head's hidden layers (the official ``use_bn_in_head``). A random ResNet's pooled vectors
     are nearly parallel, so without it the teacher's centred outputs start almost uniform, and short runs can stay
     in the uniform collapse (loss = log prototypes)."""
+    head_layers: int = 3
+    """Linear layers of the head's MLP before the bottleneck's normalisation (the official ``nlayers``; 1 is a single
+    linear map). lightly's CIFAR-10 benchmark uses 2 with a ResNet-18."""
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
     """Gaussian blur probability of global view 1, global view 2 and the local views (the paper's; CIFAR recipes,
     such as solo-learn's, use no blur at 32 px)."""
@@ -167,7 +170,9 @@ class DINO(PretrainMethod):
         o = self.options
         check_range("clip_grad", o.clip_grad, 0.0)
         check_range("freeze_last_layer_epochs", o.freeze_last_layer_epochs, 0)
-        self.head = DINOHead(self.encoder.pooled_dim, o.hidden, o.bottleneck, o.prototypes, batch_norm=o.head_batch_norm)
+        check_range("head_layers", o.head_layers, 1)
+        self.head = DINOHead(self.encoder.pooled_dim, o.hidden, o.bottleneck, o.prototypes, batch_norm=o.head_batch_norm,
+                             layers=o.head_layers)
         self.teacher_encoder = frozen_copy(self.encoder)
         self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(o.prototypes))

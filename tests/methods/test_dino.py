@@ -167,6 +167,24 @@ def test_head_batch_norm_option_puts_bn_after_each_hidden_layer():
     assert spread(head) > 10 * spread(plain)
 
 
+@pytest.mark.parametrize("layers, widths", [(1, [(64, 32)]), (2, [(64, 128), (128, 32)]),
+                                            (3, [(64, 128), (128, 128), (128, 32)])])
+def test_head_layers_option_sets_the_mlp_depth(layers, widths):
+    method = DINO({"backbone": "resnet18", "width": 0.125, "stem": "cifar"},  # pooled dim 64
+                  DINO.Options(hidden=128, bottleneck=32, prototypes=16, head_layers=layers, head_batch_norm=True),
+                  TrainConfig(), image_size=16, steps_per_epoch=2)
+    assert method.encoder.pooled_dim == 64
+    linears = [m for m in method.head.mlp if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == widths
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in method.head.mlp) == layers - 1
+    assert [(m.in_features, m.out_features) for m in method.teacher_head.mlp if isinstance(m, nn.Linear)] == widths
+
+
+def test_zero_head_layers_is_a_config_error():
+    with pytest.raises(ConfigError, match="head_layers"):
+        DINO(VIT, DINOOptions(**SMALL_HEAD, head_layers=0), TrainConfig(), image_size=16, steps_per_epoch=1)
+
+
 def test_dino_blur_option_sets_each_views_blur():
     method = DINO({"backbone": "resnet18", "width": 0.125, "stem": "cifar"}, DINO.Options(local_views=2, blur_p=(0.0, 0.3, 0.2)),
                   TrainConfig(), image_size=16, steps_per_epoch=2)

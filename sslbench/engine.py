@@ -443,8 +443,8 @@ def check_resume_settings(last: Path, settings: dict[str, Any], legacy: dict[str
     method saves). A changed lr, option or backbone would continue the run on another schedule or objective and
     silently give numbers that belong to neither run. The epoch count may change, to extend a run (the schedule
     then spans the new total). A setting the checkpoint lacks was added since the run started: it is compared with
-    ``legacy[section]`` (``legacy_settings``: the value such runs trained with) where that names it, and otherwise not compared, as it then did not change what older
-    runs did."""
+    ``legacy[section]`` (``legacy_settings``: the value such runs trained with) where that names it, and otherwise
+    not compared, as it then did not change what older runs did."""
     saved = torch.load(last, map_location="cpu", weights_only=False).get("hyper_parameters", {})
     for section, values in (legacy or {}).items():
         if isinstance(saved.get(section), dict) and values:

@@ -36,8 +36,8 @@ def test_recipe_builds_its_method(c10_mini, method):
     train = apply_overrides(train, {k: v for k, v in cls.derived_train_defaults(recipe["backbone"], train).items()
                                     if k not in recipe["train"]})
     train.validate()
-    # DDAE's reference batch is 128; BYOL and DINO take lightly's CIFAR batch (more steps in 15 epochs).
-    assert train.batch_size == (128 if method.startswith("ddae") or method in ("byol", "dino") else 256)
+    # DDAE's reference batch is 128; BYOL, SwAV and DINO take lightly's CIFAR batch (more steps in 15 epochs).
+    assert train.batch_size == (128 if method.startswith("ddae") or method in ("byol", "swav", "dino") else 256)
     module = cls(recipe["backbone"], apply_overrides(cls.Options(), recipe["options"]), train, 32, 1)
     assert module.export_encoder().pooled_dim > 0
 

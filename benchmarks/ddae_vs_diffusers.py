@@ -20,10 +20,12 @@ forward pass, as DDAE's official code reads its U-Net. Each model at random init
 
 ``--unet small-lean`` trains sslbench's ``unet-small-lean`` instead: the same channels, attention and encoder, and a
 lean decoder (one ResBlock per level, no convolution after upsampling; 754,531 parameters). Its second block is then
-``up1.0``, the last decoder ResBlock at stride 2.
+``up1.0``, the last decoder ResBlock at stride 2. ``--unet small-fast`` trains ``unet-small-fast``: ``unet-small-lean``
+whose decoder ResBlocks read their concatenated skip with a 1x1 convolution (598,883 parameters).
 
     python benchmarks/ddae_vs_diffusers.py --data-root DIR --report benchmarks/results/ddae_speed.md --json FILE
     python benchmarks/ddae_vs_diffusers.py --data-root DIR --report FILE --unet small-lean   # sslbench's lean decoder
+    python benchmarks/ddae_vs_diffusers.py --data-root DIR --report FILE --unet small-fast   # ... mixing skips 1x1
     python benchmarks/ddae_vs_diffusers.py --data-root DIR --report /tmp/smoke.md --limit 256 --epochs 1 --queries 256
 
 DIR holds ``cifar-10-batches-py/`` (``python ../shared/data/materialize.py DIR cifar10``). ``--precision`` is
@@ -66,17 +68,23 @@ LEVELS = (11, 51, 101)
 BLOCKS = ("mid", "up1.1")
 DIFFUSERS_BLOCKS = {"mid": ("mid_block", 4), "up1.1": ("up_blocks.1.resnets.1", 2)}
 """sslbench block name -> (the diffusers module with the same output, its stride)."""
-VARIANTS = {"small-p2": ("small", {"patch_size": 2, "attention_resolutions": [8]})}
+VARIANTS = {"small-p2": ("small", {"patch_size": 2, "attention_resolutions": [8]}),
+            "small-fast-notop": ("small-fast", {"top_decoder_block": False})}
 """U-Nets this benchmark builds from a preset with other settings: ``small-p2`` is ``unet-small`` on 2x2 pixel patches
 (``UNetConfig.patch_size``; every level at half the resolution, attention still at the last level), a quarter of the
 multiply-adds. It trains 4.7x faster than diffusers' model but reads out 3.5 points lower (``speed.md`` section 8),
-so it is no preset."""
-UNETS = ("small", "small-lean", *VARIANTS)
+so it is no preset. ``small-fast-notop`` is ``unet-small-fast`` without its 32x32 decoder ResBlock (the output head
+reads the upsampled map and the 32x32 skip): faster still, but its middle block read out 4.5 points lower (section 9)."""
+UNETS = ("small", "small-lean", "small-fast", *VARIANTS)
 """sslbench's U-Nets this benchmark trains: ``small`` is diffusers' network layer for layer; ``small-lean`` has
-the same channels and a lean decoder (one ResBlock per level, no convolution after upsampling); see ``VARIANTS``."""
+the same channels and a lean decoder (one ResBlock per level, no convolution after upsampling); ``small-fast`` is
+``small-lean`` whose decoder ResBlocks read their concatenated skip with a 1x1 convolution; see ``VARIANTS``."""
 DIFFERENCES = {
     "small-lean": ["diffusers' decoder has 2 ResBlocks per level and a conv after each upsampling, sslbench's",
                    "`unet-small-lean` 1 and none."],
+    "small-fast": ["diffusers' decoder has 2 ResBlocks per level and a conv after each upsampling, sslbench's",
+                   "`unet-small-fast` 1 and none, and the first conv of each of its decoder ResBlocks (the one",
+                   "that reads the concatenated skip) is 1x1 where diffusers' is 3x3."],
     "small-p2": ["sslbench's `unet-small-p2` folds 2x2 pixel patches into channels before its first conv, so its",
                  "levels run at 16x16, 8x8 and 4x4 (attention at 4x4) where diffusers' run at 32x32, 16x16 and 8x8."],
 }

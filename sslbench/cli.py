@@ -46,7 +46,7 @@ def pretrain(
     method: str = typer.Option(..., help="Method: simclr, ddae, ... (see 'sslbench methods')."),
     data: str = typer.Option("scenes", help="Dataset name: scenes (built in), cifar10, cifar100, folder, pets, clevr, nyu."),
     data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset in its official layout (not needed for scenes)."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone: resnet18, resnet34, resnet50, unet-tiny, unet-small, unet-small-lean (unet-small with a lean decoder), unet-ddpm_cifar10 (the 35.7M-parameter DDPM CIFAR-10 U-Net), vit-nano, vit-tiny, vit-small (vit-tiny/8: patch 8) (default: the method's)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone: resnet18, resnet34, resnet50, unet-tiny, unet-small, unet-small-lean (unet-small with a lean decoder), unet-small-fast (unet-small-lean mixing skips with 1x1 convs), unet-ddpm_cifar10 (the 35.7M-parameter DDPM CIFAR-10 U-Net), vit-nano, vit-tiny, vit-small (vit-tiny/8: patch 8) (default: the method's)."),
     width: float = typer.Option(1.0, help="ResNet width multiplier (0.25 = C10-mini's 16/32/64/128 channels)."),
     image_size: Optional[int] = typer.Option(None, help="Resize images to this square size (default: the dataset's; 32 for scenes)."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the method's)."),

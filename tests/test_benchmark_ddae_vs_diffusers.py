@@ -148,6 +148,8 @@ def test_the_lean_and_patched_unets_are_read_at_the_same_places(bench):
     assert bench.readout_blocks("sslbench", lean) == ("mid", "up1.0")
     encoder = bench.readout_encoder("sslbench", None, lean)
     assert encoder.unet.block_stride("up1.0") == 2 and bench.parameter_count("sslbench", lean) == 754_531
+    fast = bench.recipe("small-fast")["backbone"]
+    assert fast["unet"] == {**lean["unet"], "decoder_kernel": 1} and bench.readout_blocks("sslbench", fast) == ("mid", "up1.0")
     # On 2x2 patches the stride-2 maps are level 0's: the last of its decoder ResBlocks is read.
     patched = bench.recipe("small-p2")["backbone"]
     assert patched["unet"] == {**small["unet"], "patch_size": 2, "attention_resolutions": [8]}

@@ -85,7 +85,7 @@ def backbone_spec(name: str, width: float = 1.0, image_size: int = 32) -> dict[s
         from sslbench.backbones.timm_encoder import parse_timm_reference
 
         return parse_timm_reference(name)
-    known = [*RESNET_LAYOUTS, "unet-tiny", "unet-small", "unet-small-lean", "unet-ddpm_cifar10", "vit-nano", "vit-tiny", "vit-small", "timm:NAME"]
+    known = [*RESNET_LAYOUTS, "unet-tiny", "unet-small", "unet-small-lean", "unet-small-fast", "unet-ddpm_cifar10", "vit-nano", "vit-tiny", "vit-small", "timm:NAME"]
     raise ConfigError(f"unknown backbone {name!r}; use one of {', '.join(known)}")
 
 

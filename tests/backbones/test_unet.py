@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslbench.backbones.unet import UNET_PRESETS, UNet, UNetConfig, attention, timestep_embedding, unet_config_dict
+from sslbench.backbones.unet import (UNET_PRESETS, UNet, UNetConfig, attention, timestep_embedding, unet_config_dict,
+                                     upsample_nearest2x)
 from sslbench.errors import ConfigError
 
 
@@ -41,6 +42,7 @@ def test_preset_sizes():
         assert count(UNet(UNET_PRESETS["tiny"])) < 300_000
         assert round(count(UNet(UNET_PRESETS["small"])) / 1e6, 1) == 1.1
         assert count(UNet(UNET_PRESETS["small-lean"])) == 754_531
+        assert count(UNet(UNET_PRESETS["small-fast"])) == 598_883
 
 
 def test_forward_predicts_noise_of_the_input_shape():
@@ -204,6 +206,47 @@ def test_each_decoder_resblock_concatenates_a_skip_of_its_level_deepest_first():
     assert lean(x, t).shape == x.shape
 
 
+@torch.no_grad()
+def test_a_decoder_with_1x1_skip_mixing_and_no_top_block():
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    lean = {**unet_config_dict(UNET_PRESETS["tiny"]), "decoder_res_blocks": 1, "upsample_conv": False}
+    reference = random_unet(UNetConfig(**lean))
+    # decoder_kernel=1: each decoder ResBlock's first conv, which reads the concatenated skip, is 1x1; the rest
+    # of the network is unchanged, so the encoder's features are the same for the same weights.
+    mixing = UNet(UNetConfig(**{**lean, "decoder_kernel": 1})).eval()
+    for level in mixing.decoder:
+        for name, block in level.items():
+            if name != "up":
+                assert block.conv1.kernel_size == (1, 1) and block.conv1.padding == (0, 0) and block.conv2.kernel_size == (3, 3)
+    shared = {k: v for k, v in reference.state_dict().items() if not k.startswith("decoder.") or ".conv1." not in k}
+    mixing.load_state_dict(shared, strict=False)
+    before = reference.forward_features(x, t, ["mid"])["mid"]
+    assert torch.equal(mixing.forward_features(x, t, ["mid"])["mid"], before)
+    assert mixing(x, t).shape == x.shape
+    # top_decoder_block=False: no decoder ResBlock at the first level; the output head reads the upsampled map
+    # concatenated with that level's deepest encoder skip (down0.0).
+    top_less = random_unet(UNetConfig(**{**lean, "top_decoder_block": False}))
+    assert top_less.block_names() == ["in", "down0.0", "down0.down", "down1.0", "down1.down", "down2.0", "mid",
+                                      "up2.0", "up2.up", "up1.0", "up1.up", "out"]
+    features = top_less.forward_features(x, t, top_less.block_names())
+    head_input = torch.cat([features["up1.up"], features["down0.0"]], 1)
+    assert top_less.out.conv.in_channels == head_input.shape[1] == 32 + 16
+    assert torch.allclose(top_less(x, t), top_less.out(head_input), atol=1e-6)
+    assert len(top_less.decoder[0]) == 0 and count(top_less) < count(reference)
+
+
+def test_nearest_upsampling_copy_equals_pytorchs_kernel_in_both_layouts():
+    x = torch.randn(2, 5, 3, 4, requires_grad=True)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = x.contiguous(memory_format=layout)
+        ours, theirs = upsample_nearest2x(y), F.interpolate(y, scale_factor=2.0, mode="nearest")
+        assert torch.equal(ours, theirs) and ours.is_contiguous(memory_format=layout)
+        weights = torch.randn_like(theirs)
+        ours_grad, = torch.autograd.grad((ours * weights).sum(), x)
+        theirs_grad, = torch.autograd.grad((theirs * weights).sum(), x)
+        assert torch.allclose(ours_grad, theirs_grad, atol=1e-6)
+
+
 def test_config_validation_and_json_round_trip():
     with pytest.raises(ConfigError, match="decoder_res_blocks=3 is out of range"):
         UNetConfig(num_res_blocks=1, decoder_res_blocks=3)
@@ -211,6 +254,8 @@ def test_config_validation_and_json_round_trip():
         UNetConfig(channel_mults=(1, 2), attention_resolutions=(4,))
     with pytest.raises(ConfigError, match="groups"):
         UNetConfig(base_channels=24, groups=32)
+    with pytest.raises(ConfigError, match="decoder_kernel=5 is not supported; use 3"):
+        UNetConfig(decoder_kernel=5)
     with pytest.raises(ConfigError, match="patch_size and every channel_mult must be >= 1"):
         UNetConfig(patch_size=0)
     # Attention strides count image pixels: on 2x2 patches the levels are at 2, 4, 8.

@@ -227,9 +227,9 @@ class Downsample(nn.Module):
 def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
     """``F.interpolate(x, scale_factor=2, mode="nearest")`` as a broadcast copy, in ``x``'s memory format.
 
-    The same values, and on the CPU several times faster: PyTorch's CPU nearest-upsampling kernel took 140 ms for a
-    (128, 64, 16, 16) fp32 map on 2 cores, the broadcast copy 29 ms, and 163 ms against 32 ms with the backward
-    (torch 2.15, AVX2 EPYC; ``benchmarks/unet_step.py upsample``)."""
+    The same values, and on the CPU several times faster: PyTorch's CPU nearest-upsampling kernel took 141 ms for a
+    (128, 64, 16, 16) fp32 map on 2 cores, the broadcast copy 20 ms, and 134 ms against 24 ms with the backward
+    (torch 2.15, AVX2 EPYC; ``python benchmarks/unet_step.py upsample --steps 10``)."""
     b, c, h, w = x.shape
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         nhwc = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(b, h, 2, w, 2, c).reshape(b, 2 * h, 2 * w, c)

@@ -12,6 +12,7 @@ Layout (one "level" per resolution, ``L = len(channel_mults)``)::
     up{l}.{i}                concat(skip) -> ResBlock (+ attention), i <= num_res_blocks
     up{l}.up                 nearest x2 + 3x3 conv (all levels but the first)   stride 2**(l-1)
     out                      GroupNorm, SiLU, 3x3 conv -> 3 channels (eps)      stride 1
+                             (without a top decoder block: of concat(up1.up, the deepest level-0 skip))
 
 Decoder blocks carry the index ``l`` of the encoder level at the same resolution, so ``down2.1`` and
 ``up2.0`` both have stride 4. Every block has a stable name; ``forward_features`` runs the blocks in that
@@ -22,8 +23,9 @@ level, ``out_6`` (their CIFAR-10 DDPM readout) is ``up2.2``.
 
 Speed: attention only where configured (fused ``F.scaled_dot_product_attention``, plain ops for bf16 on the
 CPU, see ``attention``), one ``GroupNorm`` call per norm with an in-place SiLU after it, in-place additions
-where autograd allows, the time embedding (and its SiLU) computed once per forward, and no dropout module
-when dropout is 0. The code works in either memory format, but contiguous (NCHW) was the faster one in our
+where autograd allows, the time embedding (and its SiLU) computed once per forward, nearest upsampling as a
+broadcast copy (``upsample_nearest2x``: PyTorch's CPU kernel is 5-7x slower), and no dropout module when dropout
+is 0. The code works in either memory format, but contiguous (NCHW) was the faster one in our
 measurements, on CPU and on an H100 alike, because GroupNorm is slow in channels-last (on the CPU in bf16 its
 forward-backward took 5x as long as in NCHW, more than the convolutions gain there). Training time is ~75%
 convolutions, so bf16 autocast is the remaining big lever (about 1.7x on CPUs with bf16 instructions).

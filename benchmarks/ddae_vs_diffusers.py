@@ -26,6 +26,7 @@ whose decoder ResBlocks read their concatenated skip with a 1x1 convolution (598
     python benchmarks/ddae_vs_diffusers.py --data-root DIR --report benchmarks/results/ddae_speed.md --json FILE
     python benchmarks/ddae_vs_diffusers.py --data-root DIR --report FILE --unet small-lean   # sslbench's lean decoder
     python benchmarks/ddae_vs_diffusers.py --data-root DIR --report FILE --unet small-fast   # ... mixing skips 1x1
+    python benchmarks/ddae_vs_diffusers.py --data-root DIR --report FILE --unet small-fast --compile   # both compiled
     python benchmarks/ddae_vs_diffusers.py --data-root DIR --report /tmp/smoke.md --limit 256 --epochs 1 --queries 256
 
 DIR holds ``cifar-10-batches-py/`` (``python ../shared/data/materialize.py DIR cifar10``). ``--precision`` is
@@ -152,6 +153,8 @@ def diffusers_worker(settings: SideBySideSettings, conn) -> None:
     train = settings.recipe["train"]
     torch.manual_seed(0)  # the engine seeds before it builds the U-Net, too
     model = diffusers_unet()
+    if settings.compile:
+        model.compile()
     ema = EMAModel(model.parameters(), decay=DDAEOptions.ema_decay)  # its default warm-up is DDAE's (1 + n) / (10 + n)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
     batches = ShuffledBatches(images, train["batch_size"], seed=0)
@@ -295,12 +298,15 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"- Precision: sslbench `{ours['precision']}`, diffusers `{theirs['precision']}`"
         + (" (bf16 autocast is the engine's GPU default; on the CPU sslbench takes it from `--precision`)."
            if ours["precision"] != theirs["precision"] else "."),
+        *(["- Both U-Nets compiled with `torch.compile` (sslbench: the engine's `--compile`); compilation is timed in epoch 1."]
+          if report.get("compile") else []),
         *(["- Same network on both sides (32/64/64 channels, 1 ResBlock per encoder level, 2 per decoder level, one-head",
             "  attention at 8x8 and in the middle block, GroupNorm 32), same seed, images, batch order, flip, DDPM loss"]
           if report["unet"] == "small" else
           ["- Same channels on both sides (32/64/64, 1 ResBlock per encoder level, one-head attention at the last level",
            "  and in the middle block, GroupNorm 32); " + DIFFERENCES[report["unet"]][0],
-           "  " + DIFFERENCES[report["unet"]][1] + " Same seed, images, batch order, flip, DDPM loss"]),
+           *("  " + line for line in DIFFERENCES[report["unet"]][1:-1]),
+           "  " + DIFFERENCES[report["unet"]][-1] + " Same seed, images, batch order, flip, DDPM loss"]),
         "  (T = 1000 linear betas), batch 128, AdamW 2e-4, cosine, EMA 0.9999 with warm-up; epochs alternate A B, B A.",
         "- Readout of the EMA weights, one code for both: noise level t, block map averaged over space, weighted kNN",
         f"  (k = 200, T = 0.1), bank = {report['bank']} training images, {report['queries']} test queries; sslbench stops",
@@ -337,6 +343,7 @@ def main() -> None:
     parser.add_argument("--diffusers-precision", default="32-true", choices=("bf16-mixed", "32-true"))
     parser.add_argument("--out", type=Path, default=Path("runs/ddae_vs_diffusers"))
     parser.add_argument("--unet", default="small", choices=UNETS, help="sslbench's U-Net preset (channels 32/64/64 in both).")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both U-Nets (sslbench: the engine's --compile).")
     args = parser.parse_args()
     sslbench_recipe = recipe(args.unet)
     batch_size = sslbench_recipe["train"]["batch_size"]
@@ -352,7 +359,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.precision = engine_precision(args.precision)
     settings = SideBySideSettings(args.data_root, args.epochs, args.limit, args.threads, args.out, method="ddae",
-                                  recipe=sslbench_recipe, precision=args.precision, knn_at=(), diffusers_precision=args.diffusers_precision)
+                                  recipe=sslbench_recipe, precision=args.precision, knn_at=(), diffusers_precision=args.diffusers_precision,
+                                  compile=args.compile)
     train = training_images(settings)
     test = load_dataset("cifar10", args.data_root, "test", limit=args.queries)
     probe = ProbeConfig(seed=0, device="cpu", knn_k=200, knn_temperature=0.1)
@@ -370,7 +378,7 @@ def main() -> None:
         "machine": f"{cpu_model()}, {os.cpu_count()} cores visible, {args.threads} torch threads per side",
         "versions": f"sslbench {sslbench.__version__}, diffusers {diffusers.__version__}, torch {torch.__version__}, "
                     f"lightning {lightning.__version__}, Python {platform.python_version()}",
-        "date": str(date.today()), "unet": args.unet, "bank": len(train), "queries": len(test),
+        "date": str(date.today()), "unet": args.unet, "compile": args.compile, "bank": len(train), "queries": len(test),
         "floors": {"raw pixels": raw_pixel_knn(train, test, probe)}, "models": {},
     }
     for name in LIBRARIES:

@@ -7,6 +7,7 @@ the top operators by self time and the share of named phases (``record_function`
 backbone forward and so on, where the method marks them), and writes the table to ``--table``.
 
     python benchmarks/profile_pretrain.py --data-root DIR --method simclr [--steps 10] [--table FILE]
+    python benchmarks/profile_pretrain.py --data-root DIR --method ddae --backbone unet-small-fast   # another backbone
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from c10_mini import RECIPES  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 from sslbench.data import load_dataset  # noqa: E402
 from sslbench.augment import VIEWS_RANGE  # noqa: E402
+from sslbench.backbones import backbone_spec  # noqa: E402
 from sslbench.engine import RunConfig, pretrain  # noqa: E402
 
 
@@ -60,12 +62,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--backbone", default=None, help="A backbone name (e.g. unet-small-fast) instead of the recipe's.")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--table", type=Path, default=None, help="Also write the table to this file.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     recipe = RECIPES[args.method]
+    if args.backbone is not None:
+        recipe = {**recipe, "backbone": backbone_spec(args.backbone)}
     batch = recipe["train"]["batch_size"]
     images = load_dataset("cifar10", args.data_root, "train", limit=batch * (args.warmup + args.steps + 1)).images
     callback = ProfileSteps(args.warmup, args.steps, cuda=args.accelerator == "gpu")

@@ -56,6 +56,8 @@ class Settings:
     knn_at: tuple[int, ...] = KNN_EPOCHS
     seed: int = 0
     """Both libraries' seed: the same initial weights, and each library's own augmentation and batch-order stream."""
+    compile: bool = False
+    """``torch.compile`` on both sides (sslbench: the engine's ``--compile``); compilation falls in epoch 1."""
 
 
 @dataclass
@@ -185,7 +187,8 @@ def sslbench_worker(settings: Settings, conn) -> None:
     recipe = settings.recipe
     out = settings.out / "sslbench"
     shutil.rmtree(out, ignore_errors=True)
-    pretrain(settings.method, images, RunConfig(out=out, accelerator="cpu", devices="1", precision=settings.precision, progress=False),
+    pretrain(settings.method, images, RunConfig(out=out, accelerator="cpu", devices="1", precision=settings.precision, progress=False,
+                                                   compile=settings.compile),
              backbone=recipe["backbone"], options=recipe["options"],
              train={**recipe["train"], "epochs": settings.epochs, "seed": settings.seed}, callbacks=[Turnstile()])
 

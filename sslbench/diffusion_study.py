@@ -36,7 +36,8 @@ blocks, pooling and a linear layer on the block's map; ``knn``: the weighted kNN
 WEIGHTS = ("ema", "raw")
 
 RAW_PREFIXES = ("encoder.unet.", "encoder._orig_mod.unet.")
-"""Where a DDAE ``last.ckpt`` keeps the raw (non-EMA) U-Net weights, without and with ``--compile``."""
+"""Where a DDAE ``last.ckpt`` keeps the raw (non-EMA) U-Net weights: the second is that of runs made with ``--compile``
+before it compiled in place (``engine.compile_for_training``)."""
 
 
 @dataclass

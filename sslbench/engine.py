@@ -254,6 +254,17 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def compile_for_training(module: L.LightningModule) -> None:
+    """``--compile``: ``torch.compile`` each of the method's ``compiled_modules`` in place.
+
+    In place (``nn.Module.compile``), the parameters keep their names, so checkpoints and exported encoders are
+    the same with and without the flag. Wrapping the encoder (``torch.compile(module.encoder)``, this function's
+    predecessor) prefixed them with ``_orig_mod.`` and compiled only the encoder's own ``forward``: DDAE's loss calls
+    the U-Net, which stayed eager."""
+    for part in module.compiled_modules():
+        part.compile()
+
+
 def cpu_channels_last_hazard(model: nn.Module) -> str | None:
     """The first strided 1x1 convolution of ``model`` with fewer than 8 input channels, which the engine keeps out of
     channels_last on the CPU (the whole model stays contiguous then). In channels_last, oneDNN's AVX2 kernel for its
@@ -519,7 +530,7 @@ def pretrain(method_name: str, images: torch.Tensor | ImageFiles, run: RunConfig
         module = module.to(memory_format=torch.channels_last)
     run.out.mkdir(parents=True, exist_ok=True)
     if run.compile:
-        module.encoder = torch.compile(module.encoder)
+        compile_for_training(module)
     stats = TrainingStats()
     meta = {"method": method_name, "image_size": data.image_size, "options": method_options.__dict__, "train": train_config.__dict__,
             **module.export_meta(), **(info or {})}

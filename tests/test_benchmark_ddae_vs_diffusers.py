@@ -175,3 +175,18 @@ def test_the_seed_reaches_the_sslbench_run(bench, tiny_images, tmp_path, monkeyp
     bench.sslbench_worker(_settings(bench, tmp_path, "32-true"), FakePipe())
     bench.sslbench_worker(dataclasses.replace(_settings(bench, tmp_path, "32-true"), seed=3), FakePipe())
     assert seeds == [0, 3]
+
+
+@pytest.mark.parametrize("unet", ["small-lean", "small-fast", "small-p2"])
+def test_the_report_names_every_difference_of_the_unet(bench, unet):
+    grid = [{"t": t, "block": block, "top1": 0.3, "seconds": 1.0} for t in bench.LEVELS for block in ("mid", "up1.0")]
+    side = {"parameters": 1000, "blocks": ["mid", "up1.0"], "precision": "32-true", "epoch_seconds": [1.0], "images_per_second": 10.0,
+            "seconds_per_epoch": 1.0, "peak_rss_mb": 100.0, "losses": [0.2], "final_loss": 0.2, "extraction_images_per_second": 20.0,
+            "grid": grid, "best": grid[0], "random_init_top1": 0.28}
+    report = {"protocol": "C10-mini DDAE", "command": "python x", "machine": "m", "versions": "v", "date": "d", "unet": unet,
+              "bank": 10, "queries": 10, "floors": {"raw pixels": 0.35}, "models": {"sslbench": side, "diffusers": side}}
+    text = bench.markdown_report(report)
+    lines = bench.DIFFERENCES[unet]
+    # Each line of the difference appears once, in order, and the recipe sentence follows the last.
+    assert all(text.count(line) == 1 for line in lines)
+    assert text.index(lines[-1] + " Same seed, images, batch order") > max(text.index(line) for line in lines[:-1])

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from torch import nn
 
 from sslbench.augment import ViewConfig, ViewMaker, step_generator
 from sslbench.backbones import Encoder, build_encoder
@@ -150,6 +151,12 @@ class PretrainMethod(L.LightningModule):
     def export_encoder(self) -> Encoder:
         """The encoder that downstream tasks should evaluate (e.g. an EMA copy)."""
         return self.encoder
+
+    def compiled_modules(self) -> list[nn.Module]:
+        """What ``--compile`` compiles: the modules whose ``forward`` the training step calls. A method that
+        calls a part of its encoder directly (DDAE: the U-Net) names that part, since compiling the encoder
+        compiles only its own ``forward``."""
+        return [self.encoder]
 
     def make_views(self, configs: list[ViewConfig]) -> ViewMaker:
         return ViewMaker(configs)

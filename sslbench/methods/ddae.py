@@ -95,6 +95,9 @@ class DDAE(PretrainMethod):
         device_generator = torch.Generator(device=x.device).manual_seed(seed)
         return self.diffusion_loss(x, device_generator), {}
 
+    def compiled_modules(self) -> list[nn.Module]:
+        return [self.encoder.unet]  # the loss calls the U-Net, never the encoder's readout forward
+
     def after_optimizer_step(self) -> None:
         # Warm-up of the EMA decay (as in TF's ExponentialMovingAverage with num_updates): short runs
         # would otherwise export weights still close to the random initialisation.

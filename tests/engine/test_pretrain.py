@@ -222,3 +222,18 @@ def test_data_moves_to_the_gpu_only_when_it_takes_at_most_a_quarter_of_it():
     assert data_fits_on_device(150_000_000, 80 * 2**30)  # CIFAR-10 on an H100
     assert not data_fits_on_device(30 * 2**30, 80 * 2**30)
     assert not RunConfig(out=Path("x"), data_on_device=False).data_on_device
+
+
+@pytest.mark.parametrize("method, backbone, compiled", [("ddae", "unet-tiny", "encoder.unet"), ("simclr", "resnet18", "encoder")])
+def test_compile_compiles_what_the_training_step_calls_and_keeps_parameter_names(method, backbone, compiled):
+    from sslbench.backbones import backbone_spec
+    from sslbench.methods.base import TrainConfig
+
+    cls = METHODS[method]
+    module = cls(backbone_spec(backbone), cls.Options(), TrainConfig(), 16, 2)
+    names = list(module.state_dict())
+    engine.compile_for_training(module)
+    # DDAE's loss calls the U-Net, not the encoder's readout forward: compiling the encoder alone left it eager.
+    compiled_now = {name for name, part in module.named_modules() if part._compiled_call_impl is not None}
+    assert compiled_now == {compiled}
+    assert list(module.state_dict()) == names  # checkpoints and exports read the same with and without --compile

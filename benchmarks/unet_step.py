@@ -6,15 +6,12 @@ timesteps and noise, batch 128, forward + MSE to the noise + backward + AdamW st
 - ``step``: ms per training step of sslbench's ``unet-small`` / ``-small-lean`` / ``-small-p2`` (PyTorch's layer init) or
   diffusers' ``UNet2DModel`` in the layout of ``unet-small`` (``ddae_vs_diffusers.diffusers_unet``), in fp32 or
   under bf16 autocast, NCHW or channels-last; ``--profile`` prints the top operators instead.
-- ``compare``: the ``step`` of several models taken in turn, step by step, with each one's median and speed
-  relative to the first: the fair comparison on a machine whose speed drifts.
 - ``groupnorm``: ms for one forward and backward of ``GroupNorm(32, 64)`` on a 128 x 64 x 32 x 32 map by input
   dtype and layout, under bf16 autocast.
 - ``upsample``: ms for 2x nearest upsampling of a 128 x 64 x 16 x 16 map, PyTorch's kernel against sslbench's.
 - ``macs``: multiply-adds per image of every top-level block of a U-Net preset (convolutions and linear layers).
 
     python benchmarks/unet_step.py step --model small --precision bf16 [--channels-last] [--threads 2] [--profile]
-    python benchmarks/unet_step.py compare --models diffusers small-lean --precision fp32 --steps 8
     python benchmarks/unet_step.py groupnorm --threads 1
     python benchmarks/unet_step.py macs --model small
 """
@@ -24,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -100,27 +96,6 @@ def training_step(args: argparse.Namespace) -> None:
           f"{ms:.0f} ms per step of {BATCH}, {BATCH / ms * 1000:.0f} images/s")
 
 
-def compare(args: argparse.Namespace) -> None:
-    """Steps of several models in turn, ``--steps`` rounds after ``--warmup``: on a shared or throttled machine
-    the speed drifts by tens of percent between minutes, and taking the models in turn lets the drift hit all of
-    them. Reports each model's median step and its speed relative to the first model."""
-    steps = {model: make_step(model, args.precision, args.channels_last)[1] for model in args.models}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times: dict[str, list[float]] = {model: [] for model in args.models}
-    for _ in range(args.steps):
-        for model, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[model].append((time.perf_counter() - start) * 1000)
-    reference = statistics.median(times[args.models[0]])
-    for model, ms in times.items():
-        median = statistics.median(ms)
-        print(f"{model:16s} median {median:6.0f} ms per step of {BATCH} ({BATCH / median * 1000:5.1f} images/s, "
-              f"{reference / median:.2f}x {args.models[0]}); steps: {', '.join(f'{m:.0f}' for m in ms)}")
-
-
 def upsample(args: argparse.Namespace) -> None:
     """2x nearest upsampling of the lean U-Net's 16x16 decoder map: PyTorch's kernel against sslbench's copy."""
     x = torch.randn(BATCH, 64, 16, 16, requires_grad=True)
@@ -176,10 +151,8 @@ def macs(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("step", "compare", "groupnorm", "upsample", "macs"))
+    parser.add_argument("what", choices=("step", "groupnorm", "upsample", "macs"))
     parser.add_argument("--model", default="small", choices=(*UNETS, "diffusers"))
-    parser.add_argument("--models", nargs="+", default=["diffusers", "small-lean"], choices=(*UNETS, "diffusers"),
-                        help="compare: the models, the first is the reference.")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
@@ -188,7 +161,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="step: print the top operators of --steps steps instead.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"step": training_step, "compare": compare, "groupnorm": groupnorm, "upsample": upsample, "macs": macs}[args.what](args)
+    {"step": training_step, "groupnorm": groupnorm, "upsample": upsample, "macs": macs}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,10 @@ def test_a_step_is_timed(unet_step, monkeypatch, capsys, model):
                                       "--warmup", "0", "--steps", "1"])
     unet_step.main()
     assert "ms per step of 128" in capsys.readouterr().out
+
+
+def test_the_upsampling_kernels_are_timed(unet_step, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["unet_step.py", "upsample", "--threads", "1", "--warmup", "0", "--steps", "1"])
+    unet_step.main()
+    out = capsys.readouterr().out
+    assert "F.interpolate" in out and "upsample_nearest2x" in out and out.count("ms forward + backward") == 2

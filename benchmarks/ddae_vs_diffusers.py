@@ -151,16 +151,16 @@ def diffusers_worker(settings: SideBySideSettings, conn) -> None:
     torch.set_num_threads(settings.threads)
     images = training_images(settings).images
     train = settings.recipe["train"]
-    torch.manual_seed(0)  # the engine seeds before it builds the U-Net, too
+    torch.manual_seed(settings.seed)  # the engine seeds before it builds the U-Net, too
     model = diffusers_unet()
     if settings.compile:
         model.compile()
     ema = EMAModel(model.parameters(), decay=DDAEOptions.ema_decay)  # its default warm-up is DDAE's (1 + n) / (10 + n)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
-    batches = ShuffledBatches(images, train["batch_size"], seed=0)
+    batches = ShuffledBatches(images, train["batch_size"], seed=settings.seed)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * len(batches))
     schedule = DDPMSchedule()
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(settings.seed)
 
     def predict_noise(noised: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return model(noised, timesteps).sample
@@ -298,6 +298,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"- Precision: sslbench `{ours['precision']}`, diffusers `{theirs['precision']}`"
         + (" (bf16 autocast is the engine's GPU default; on the CPU sslbench takes it from `--precision`)."
            if ours["precision"] != theirs["precision"] else "."),
+        *([f"- Seed {report['seed']} on both sides (the protocol's is 0)."] if report.get("seed") else []),
         *(["- Both U-Nets compiled with `torch.compile` (sslbench: the engine's `--compile`); compilation is timed in epoch 1."]
           if report.get("compile") else []),
         *(["- Same network on both sides (32/64/64 channels, 1 ResBlock per encoder level, 2 per decoder level, one-head",
@@ -343,6 +344,7 @@ def main() -> None:
     parser.add_argument("--diffusers-precision", default="32-true", choices=("bf16-mixed", "32-true"))
     parser.add_argument("--out", type=Path, default=Path("runs/ddae_vs_diffusers"))
     parser.add_argument("--unet", default="small", choices=UNETS, help="sslbench's U-Net preset (channels 32/64/64 in both).")
+    parser.add_argument("--seed", type=int, default=0, help="Both sides' seed (the protocol's is 0; others measure seed noise).")
     parser.add_argument("--compile", action="store_true", help="torch.compile both U-Nets (sslbench: the engine's --compile).")
     args = parser.parse_args()
     sslbench_recipe = recipe(args.unet)
@@ -360,7 +362,7 @@ def main() -> None:
     args.precision = engine_precision(args.precision)
     settings = SideBySideSettings(args.data_root, args.epochs, args.limit, args.threads, args.out, method="ddae",
                                   recipe=sslbench_recipe, precision=args.precision, knn_at=(), diffusers_precision=args.diffusers_precision,
-                                  compile=args.compile)
+                                  compile=args.compile, seed=args.seed)
     train = training_images(settings)
     test = load_dataset("cifar10", args.data_root, "test", limit=args.queries)
     probe = ProbeConfig(seed=0, device="cpu", knn_k=200, knn_temperature=0.1)
@@ -378,7 +380,7 @@ def main() -> None:
         "machine": f"{cpu_model()}, {os.cpu_count()} cores visible, {args.threads} torch threads per side",
         "versions": f"sslbench {sslbench.__version__}, diffusers {diffusers.__version__}, torch {torch.__version__}, "
                     f"lightning {lightning.__version__}, Python {platform.python_version()}",
-        "date": str(date.today()), "unet": args.unet, "compile": args.compile, "bank": len(train), "queries": len(test),
+        "date": str(date.today()), "unet": args.unet, "compile": args.compile, "seed": args.seed, "bank": len(train), "queries": len(test),
         "floors": {"raw pixels": raw_pixel_knn(train, test, probe)}, "models": {},
     }
     for name in LIBRARIES:

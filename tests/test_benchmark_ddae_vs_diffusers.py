@@ -177,6 +177,16 @@ def test_the_seed_reaches_the_sslbench_run(bench, tiny_images, tmp_path, monkeyp
     assert seeds == [0, 3]
 
 
+def test_the_seed_reaches_the_diffusers_loop(bench, tiny_images, tmp_path):
+    # The seed sets diffusers' initial weights, batch order, flips, timesteps and noise: runs with one seed agree.
+    states = []
+    for seed in (0, 0, 1):
+        pipe = FakePipe()
+        bench.diffusers_worker(dataclasses.replace(_settings(bench, tmp_path, "32-true"), seed=seed), pipe)
+        states.append(pipe.sent[0].encoder_state["conv_in.weight"])
+    assert np.array_equal(states[0], states[1]) and not np.array_equal(states[0], states[2])
+
+
 @pytest.mark.parametrize("unet", ["small-lean", "small-fast", "small-p2"])
 def test_the_report_names_every_difference_of_the_unet(bench, unet):
     grid = [{"t": t, "block": block, "top1": 0.3, "seconds": 1.0} for t in bench.LEVELS for block in ("mid", "up1.0")]

@@ -75,7 +75,8 @@ VARIANTS = {"small-p2": ("small", {"patch_size": 2, "attention_resolutions": [8]
 (``UNetConfig.patch_size``; every level at half the resolution, attention still at the last level), a quarter of the
 multiply-adds. It trains 4.7x faster than diffusers' model but reads out 3.5 points lower (``speed.md`` section 8),
 so it is no preset. ``small-fast-notop`` is ``unet-small-fast`` without its 32x32 decoder ResBlock (the output head
-reads the upsampled map and the 32x32 skip): faster still, but its middle block read out 4.5 points lower (section 9)."""
+reads the upsampled map and the 32x32 skip): 76.2M multiply-adds instead of 90.2M, but its middle block read out
+29.35% against small-fast's 33.80% in ``ddae_variant.py`` runs (section 9)."""
 UNETS = ("small", "small-lean", "small-fast", *VARIANTS)
 """sslbench's U-Nets this benchmark trains: ``small`` is diffusers' network layer for layer; ``small-lean`` has
 the same channels and a lean decoder (one ResBlock per level, no convolution after upsampling); ``small-fast`` is

@@ -179,6 +179,32 @@ class SelfAttention(nn.Module):
         return x + self.proj(attention(q, k, v)).transpose(1, 2).unflatten(2, (h, w))
 
 
+def _as_nhwc(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``x`` as a (B, H, W, C) view when it is stored channels-last (and not also contiguous), else as it is."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return (x.permute(0, 2, 3, 1), True) if channels_last else (x, False)
+
+
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution (the same parameters as ``nn.Conv2d(in, out, 1)``) computed as a matrix product.
+
+    On the CPU oneDNN's 1x1 convolution of NCHW maps is slow in the backward, and erratically so: in the fp32
+    training step of unet-small-fast (2 AVX2 cores, torch 2.15) the decoder's 96 -> 32 one at 32x32 took 114-339 ms
+    per backward, against about 40 ms for this batched product. Channels-last maps are a plain ``linear``."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.view(self.out_channels, self.in_channels)
+        v, nhwc = _as_nhwc(x)
+        if nhwc:
+            return F.linear(v, weight, self.bias).permute(0, 3, 1, 2)
+        b, _, h, w = x.shape
+        out = torch.baddbmm(self.bias.view(1, -1, 1).expand(b, -1, h * w), weight.expand(b, -1, -1), x.reshape(b, -1, h * w))
+        return out.view(b, -1, h, w)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, + projected time embedding, GroupNorm-SiLU-dropout-conv, + skip (1x1 if channels change).
 
@@ -189,12 +215,12 @@ class ResBlock(nn.Module):
                  kernel: int = 3):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)
+        self.conv1 = PointwiseConv(in_channels, out_channels) if kernel == 1 else nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_proj = nn.Linear(time_channels, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.skip = PointwiseConv(in_channels, out_channels) if in_channels != out_channels else nn.Identity()
         self.attention = SelfAttention(out_channels, groups) if attention else nn.Identity()
 
     def forward(self, x: torch.Tensor, time_act: torch.Tensor) -> torch.Tensor:
@@ -226,17 +252,42 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+class _UpsampleNearest2x(torch.autograd.Function):
+    """2x nearest upsampling whose backward adds the 2x2 blocks as two halvings of contiguous memory.
+
+    Autograd's backward of the broadcast copy is a ``sum`` over the two broadcast dimensions of a 6-d view: 67 ms for
+    a (128, 64, 32, 32) gradient on 2 AVX2 cores, against 3 ms for this one (the same sums; torch 2.15)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        v, nhwc = _as_nhwc(x)
+        if nhwc:  # (B, H, W, C): rows are dimension 1, columns dimension 2
+            b, h, w, c = v.shape
+            return v[:, :, None, :, None, :].expand(b, h, 2, w, 2, c).reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+        b, c, h, w = v.shape
+        return v[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        g, nhwc = _as_nhwc(grad)
+        if nhwc:
+            b, h2, w2, c = g.shape
+            rows = g.reshape(b, h2 // 2, 2, w2 * c)
+            rows = (rows[:, :, 0] + rows[:, :, 1]).view(b, h2 // 2, w2 // 2, 2, c)
+            return (rows[:, :, :, 0] + rows[:, :, :, 1]).permute(0, 3, 1, 2)
+        b, c, h2, w2 = g.shape
+        rows = g.reshape(b, c, h2 // 2, 2, w2)
+        rows = (rows[:, :, :, 0] + rows[:, :, :, 1]).view(b, c, h2 // 2, w2 // 2, 2)
+        return rows[..., 0] + rows[..., 1]
+
+
 def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
     """``F.interpolate(x, scale_factor=2, mode="nearest")`` as a broadcast copy, in ``x``'s memory format.
 
-    The same values, and on the CPU several times faster: PyTorch's CPU nearest-upsampling kernel took 141 ms for a
-    (128, 64, 16, 16) fp32 map on 2 cores, the broadcast copy 20 ms, and 134 ms against 24 ms with the backward
-    (torch 2.15, AVX2 EPYC; ``python benchmarks/unet_step.py upsample --steps 10``)."""
-    b, c, h, w = x.shape
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        nhwc = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(b, h, 2, w, 2, c).reshape(b, 2 * h, 2 * w, c)
-        return nhwc.permute(0, 3, 1, 2)
-    return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+    The same values and gradients, and on the CPU several times faster: PyTorch's CPU nearest-upsampling kernel took
+    141 ms for a (128, 64, 16, 16) fp32 map on 2 cores, the broadcast copy 20 ms, and 134 ms against 24 ms with the
+    backward (torch 2.15, AVX2 EPYC; ``python benchmarks/unet_step.py upsample --steps 10``)."""
+    return _UpsampleNearest2x.apply(x)
 
 
 class Upsample(nn.Module):

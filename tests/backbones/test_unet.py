@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sslbench.backbones.unet import (UNET_PRESETS, UNet, UNetConfig, attention, timestep_embedding, unet_config_dict,
-                                     upsample_nearest2x)
+                                     PointwiseConv, upsample_nearest2x)
 from sslbench.errors import ConfigError
 
 
@@ -245,6 +245,31 @@ def test_nearest_upsampling_copy_equals_pytorchs_kernel_in_both_layouts():
         ours_grad, = torch.autograd.grad((ours * weights).sum(), x)
         theirs_grad, = torch.autograd.grad((theirs * weights).sum(), x)
         assert torch.allclose(ours_grad, theirs_grad, atol=1e-6)
+        # The gradient may arrive in the other layout or as a slice (the backward of a concatenation).
+        for grad in (weights.contiguous(), weights.contiguous(memory_format=torch.channels_last),
+                     torch.randn(2, 7, 6, 8).contiguous(memory_format=layout)[:, 1:6]):
+            ours_grad, = torch.autograd.grad(ours, x, grad)
+            theirs_grad, = torch.autograd.grad(theirs, x, grad)
+            assert torch.allclose(ours_grad, theirs_grad, atol=1e-6)
+    x64 = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(upsample_nearest2x, (x64,))
+    assert torch.autograd.gradcheck(upsample_nearest2x, (x64.detach().contiguous(memory_format=torch.channels_last).requires_grad_(),))
+
+
+def test_pointwise_conv_is_a_1x1_convolution_in_both_layouts():
+    torch.manual_seed(0)
+    conv = PointwiseConv(6, 4)
+    assert conv.weight.shape == (4, 6, 1, 1)  # checkpoints of nn.Conv2d(6, 4, 1) load into it
+    x = torch.randn(3, 6, 5, 7, requires_grad=True)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = x.contiguous(memory_format=layout)
+        ours, theirs = conv(y), F.conv2d(y, conv.weight, conv.bias)
+        assert torch.allclose(ours, theirs, atol=1e-5) and ours.is_contiguous(memory_format=layout)
+        grad = torch.randn_like(theirs)
+        ours_grads = torch.autograd.grad(ours, (x, conv.weight, conv.bias), grad)
+        theirs_grads = torch.autograd.grad(theirs, (x, conv.weight, conv.bias), grad)
+        for a, b in zip(ours_grads, theirs_grads):
+            assert torch.allclose(a, b, atol=1e-4)
 
 
 def test_config_validation_and_json_round_trip():

@@ -56,7 +56,7 @@ from torch import nn
 from sslbench.backbones import backbone_spec, build_encoder
 from sslbench.backbones.diffusion import DDPMSchedule, DiffusionEncoder
 from sslbench.diffusion_study import StudyCell, run_study
-from sslbench.engine import cpu_has_native_bf16
+from sslbench.engine import cpu_has_native_bf16, reuse_freed_cpu_memory
 from sslbench.methods.ddae import DDAEOptions, ddpm_loss, random_hflip
 from sslbench.tasks import ProbeConfig
 
@@ -70,13 +70,17 @@ BLOCKS = ("mid", "up1.1")
 DIFFUSERS_BLOCKS = {"mid": ("mid_block", 4), "up1.1": ("up_blocks.1.resnets.1", 2)}
 """sslbench block name -> (the diffusers module with the same output, its stride)."""
 VARIANTS = {"small-p2": ("small", {"patch_size": 2, "attention_resolutions": [8]}),
-            "small-fast-notop": ("small-fast", {"top_decoder_block": False})}
+            "small-fast-notop": ("small-fast", {"top_decoder_block": False}),
+            "small-pointwise": ("small-fast", {"decoder_kernel2": 1, "upsample_project": True})}
 """U-Nets this benchmark builds from a preset with other settings: ``small-p2`` is ``unet-small`` on 2x2 pixel patches
 (``UNetConfig.patch_size``; every level at half the resolution, attention still at the last level), a quarter of the
 multiply-adds. It trains 4.7x faster than diffusers' model but reads out 3.5 points lower (``speed.md`` section 8),
 so it is no preset. ``small-fast-notop`` is ``unet-small-fast`` without its 32x32 decoder ResBlock (the output head
 reads the upsampled map and the 32x32 skip): 76.2M multiply-adds instead of 90.2M, but its middle block read out
-29.35% against small-fast's 33.80% in ``ddae_variant.py`` runs (section 9)."""
+29.35% against small-fast's 33.80% in ``ddae_variant.py`` runs (section 9). ``small-pointwise`` is ``unet-small-fast``
+whose decoder is position-wise (both convolutions of its ResBlocks 1x1) and whose 16x16 map is projected to 32
+channels before upsampling (``UNetConfig.decoder_kernel2``, ``upsample_project``): 10% less time per step than
+small-fast in ``unet_step.py``-like timings (session 15), at a readout this benchmark measures."""
 UNETS = ("small", "small-lean", "small-fast", *VARIANTS)
 """sslbench's U-Nets this benchmark trains: ``small`` is diffusers' network layer for layer; ``small-lean`` has
 the same channels and a lean decoder (one ResBlock per level, no convolution after upsampling); ``small-fast`` is
@@ -87,6 +91,9 @@ DIFFERENCES = {
     "small-fast": ["diffusers' decoder has 2 ResBlocks per level and a conv after each upsampling, sslbench's",
                    "`unet-small-fast` 1 and none, and the first conv of each of its decoder ResBlocks (the one",
                    "that reads the concatenated skip) is 1x1 where diffusers' is 3x3."],
+    "small-pointwise": ["diffusers' decoder has 2 ResBlocks per level and a conv after each upsampling, sslbench's",
+                        "`small-pointwise` 1 ResBlock with two 1x1 convs where diffusers' are 3x3, and a 1x1 conv that",
+                        "maps the 16x16 map to 32 channels before upsampling it into the 32x32 level."],
     "small-p2": ["sslbench's `unet-small-p2` folds 2x2 pixel patches into channels before its first conv, so its",
                  "levels run at 16x16, 8x8 and 4x4 (attention at 4x4) where diffusers' run at 32x32, 16x16 and 8x8."],
 }
@@ -150,6 +157,7 @@ def diffusers_worker(settings: SideBySideSettings, conn) -> None:
     from sslbench.engine import ShuffledBatches
 
     torch.set_num_threads(settings.threads)
+    reuse_freed_cpu_memory()  # as sslbench's engine does on the CPU: the allocator is not what is compared
     images = training_images(settings).images
     train = settings.recipe["train"]
     torch.manual_seed(settings.seed)  # the engine seeds before it builds the U-Net, too
@@ -302,6 +310,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         *([f"- Seed {report['seed']} on both sides (the protocol's is 0)."] if report.get("seed") else []),
         *(["- Both U-Nets compiled with `torch.compile` (sslbench: the engine's `--compile`); compilation is timed in epoch 1."]
           if report.get("compile") else []),
+        *(["- Both sides keep freed memory for reuse (`sslbench.engine.reuse_freed_cpu_memory`, glibc's malloc settings),",
+           "  as sslbench's engine does on the CPU."] if report.get("reuse_freed_memory") else []),
         *(["- Same network on both sides (32/64/64 channels, 1 ResBlock per encoder level, 2 per decoder level, one-head",
             "  attention at 8x8 and in the middle block, GroupNorm 32), same seed, images, batch order, flip, DDPM loss"]
           if report["unet"] == "small" else
@@ -381,7 +391,8 @@ def main() -> None:
         "machine": f"{cpu_model()}, {os.cpu_count()} cores visible, {args.threads} torch threads per side",
         "versions": f"sslbench {sslbench.__version__}, diffusers {diffusers.__version__}, torch {torch.__version__}, "
                     f"lightning {lightning.__version__}, Python {platform.python_version()}",
-        "date": str(date.today()), "unet": args.unet, "compile": args.compile, "seed": args.seed, "bank": len(train), "queries": len(test),
+        "date": str(date.today()), "unet": args.unet, "compile": args.compile, "seed": args.seed,
+        "reuse_freed_memory": reuse_freed_cpu_memory(),  # the workers' setting (each process applies its own) "bank": len(train), "queries": len(test),
         "floors": {"raw pixels": raw_pixel_knn(train, test, probe)}, "models": {},
     }
     for name in LIBRARIES:

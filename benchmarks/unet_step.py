@@ -11,7 +11,7 @@ timesteps and noise, batch 128, forward + MSE to the noise + backward + AdamW st
 - ``upsample``: ms for 2x nearest upsampling of a 128 x 64 x 16 x 16 map, PyTorch's kernel against sslbench's.
 - ``macs``: multiply-adds per image of every top-level block of a U-Net preset (convolutions and linear layers).
 
-    python benchmarks/unet_step.py step --model small --precision bf16 [--channels-last] [--threads 2] [--profile]
+    python benchmarks/unet_step.py step --model small --precision bf16 [--channels-last] [--threads 2] [--profile] [--reuse-freed-memory]
     python benchmarks/unet_step.py groupnorm --threads 1
     python benchmarks/unet_step.py macs --model small
 """
@@ -35,6 +35,7 @@ from ddae_vs_diffusers import UNETS, diffusers_unet, recipe  # noqa: E402  (benc
 
 from sslbench.backbones import build_encoder  # noqa: E402
 from sslbench.backbones.unet import upsample_nearest2x  # noqa: E402
+from sslbench.engine import reuse_freed_cpu_memory  # noqa: E402
 
 BATCH = 128
 
@@ -159,8 +160,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--profile", action="store_true", help="step: print the top operators of --steps steps instead.")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="keep freed memory for reuse, as sslbench's engine does on the CPU (sslbench.engine.reuse_freed_cpu_memory)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.reuse_freed_memory and not reuse_freed_cpu_memory():
+        parser.error("--reuse-freed-memory needs Linux with glibc")
     {"step": training_step, "groupnorm": groupnorm, "upsample": upsample, "macs": macs}[args.what](args)
 
 

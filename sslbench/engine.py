@@ -479,6 +479,30 @@ def check_resume_settings(last: Path, settings: dict[str, Any], legacy: dict[str
                               "the run's own settings, or start a new run in another --out")
 
 
+def reuse_freed_cpu_memory() -> bool:
+    """Make glibc's ``malloc`` keep freed blocks of any size for reuse, instead of unmapping the large ones.
+
+    glibc serves blocks larger than its mmap threshold (at most 32 MB) with a fresh ``mmap`` and unmaps them when
+    they are freed, so a CPU training step whose activations pass that size (a 128 x 64 x 32 x 32 fp32 map is 33.5 MB)
+    page-faults them in again at every step: on 2 AVX2 cores the fp32 step of ``unet-small-fast`` took 1160 ms with
+    the default and 930 ms with freed memory kept (``benchmarks/unet_step.py step``, the mean of three runs each).
+    The process then keeps its peak memory until it exits, which a training process reaches at every step anyway.
+    PyTorch's CPU tuning guide gets the same by preloading jemalloc or tcmalloc. Returns whether it applied (Linux
+    with glibc; elsewhere nothing changes)."""
+    import ctypes
+    import sys
+
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def pretrain(method_name: str, images: torch.Tensor | ImageFiles, run: RunConfig, backbone: dict[str, Any] | None = None,
              options: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
              callbacks: list[Callback] | None = None, info: dict[str, Any] | None = None,
@@ -529,6 +553,8 @@ def pretrain(method_name: str, images: torch.Tensor | ImageFiles, run: RunConfig
     if cls.channels_last and (cuda_available(run.accelerator) or cpu_channels_last_hazard(module) is None):
         module = module.to(memory_format=torch.channels_last)
     run.out.mkdir(parents=True, exist_ok=True)
+    if not cuda_available(run.accelerator):
+        reuse_freed_cpu_memory()
     if run.compile:
         compile_for_training(module)
     stats = TrainingStats()

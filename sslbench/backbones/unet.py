@@ -68,6 +68,13 @@ class UNetConfig:
     decoder's map and an encoder skip: it holds most of a lean decoder's work (at 32x32 in unet-small-lean, 96 input
     channels). 1 mixes the two maps position by position at a ninth of the cost; the block's second convolution stays
     3x3, so each decoder block still sees its neighbourhood."""
+    decoder_kernel2: int = 3
+    """Kernel size of the second convolution of every decoder ResBlock. With ``decoder_kernel=1`` too, 1 makes the
+    decoder position-wise: its spatial mixing is left to the encoder, the middle block and the output head."""
+    upsample_project: bool = False
+    """Before upsampling into a level with fewer channels, map the coarser map to that level's channels with a 1x1
+    convolution at the coarser resolution, so the finer level concatenates (and normalises, and mixes) fewer channels
+    at 4x the positions: in unet-small-lean, 64 instead of 96 at 32x32."""
     top_decoder_block: bool = True
     """``False`` drops the decoder ResBlocks of the first (finest) level: the output head reads the upsampled map
     concatenated with that level's deepest encoder skip. The encoder, where DDAE reads its features, is unchanged."""
@@ -100,8 +107,9 @@ class UNetConfig:
         if self.decoder_res_blocks is not None and not 1 <= self.decoder_res_blocks <= self.num_res_blocks + 1:
             raise ConfigError(f"UNet decoder_res_blocks={self.decoder_res_blocks} is out of range; use 1 to "
                               f"num_res_blocks + 1 = {self.num_res_blocks + 1}, or leave it unset (DDPM's)")
-        if self.decoder_kernel not in (1, 3):
-            raise ConfigError(f"UNet decoder_kernel={self.decoder_kernel} is not supported; use 3 (DDPM's) or 1")
+        for name in ("decoder_kernel", "decoder_kernel2"):
+            if getattr(self, name) not in (1, 3):
+                raise ConfigError(f"UNet {name}={getattr(self, name)} is not supported; use 3 (DDPM's) or 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"UNet dropout {self.dropout} is out of range; use a value in [0, 1)")
         if self.init not in ("ddpm", "pytorch"):
@@ -205,6 +213,11 @@ class PointwiseConv(nn.Conv2d):
         return out.view(b, -1, h, w)
 
 
+def _conv(in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
+    """A stride-1 convolution that keeps the map's size: 3x3, or 1x1 as a matrix product."""
+    return PointwiseConv(in_channels, out_channels) if kernel == 1 else nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, + projected time embedding, GroupNorm-SiLU-dropout-conv, + skip (1x1 if channels change).
 
@@ -212,14 +225,14 @@ class ResBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, time_channels: int, dropout: float, groups: int, attention: bool = False,
-                 kernel: int = 3):
+                 kernels: tuple[int, int] = (3, 3)):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels)
-        self.conv1 = PointwiseConv(in_channels, out_channels) if kernel == 1 else nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = _conv(in_channels, out_channels, kernels[0])
         self.time_proj = nn.Linear(time_channels, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = _conv(out_channels, out_channels, kernels[1])
         self.skip = PointwiseConv(in_channels, out_channels) if in_channels != out_channels else nn.Identity()
         self.attention = SelfAttention(out_channels, groups) if attention else nn.Identity()
 
@@ -291,12 +304,17 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int, conv: bool = True):
+    """Optionally a 1x1 projection to ``out_channels`` (at the coarse resolution), 2x nearest upsampling, optionally
+    a 3x3 convolution."""
+
+    def __init__(self, channels: int, conv: bool = True, out_channels: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if conv else nn.Identity()
+        out_channels = out_channels or channels
+        self.project = PointwiseConv(channels, out_channels) if out_channels != channels else nn.Identity()
+        self.conv = nn.Conv2d(out_channels, out_channels, 3, padding=1) if conv else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(upsample_nearest2x(x))
+        return self.conv(upsample_nearest2x(self.project(x)))
 
 
 class OutputHead(nn.Module):
@@ -373,11 +391,13 @@ class UNet(nn.Module):
             for i, skip in enumerate(level_skips[:decoder_blocks if level or config.top_decoder_block else 0]):
                 in_channels = channels + skip_channels[skip]
                 blocks[str(i)] = ResBlock(in_channels, out_channels, time_channels, dropout, groups, stride in config.attention_resolutions,
-                                          config.decoder_kernel)
+                                          (config.decoder_kernel, config.decoder_kernel2))
                 channels = out_channels
                 steps.append(_Step(f"up{level}.{i}", _UP_RES, stride, channels, skip))
             if level > 0:
-                blocks["up"] = Upsample(channels, config.upsample_conv)
+                finer = base * config.channel_mults[level - 1] if config.upsample_project else channels
+                blocks["up"] = Upsample(channels, config.upsample_conv, finer)
+                channels = finer
                 steps.append(_Step(f"up{level}.up", _UP, stride // 2, channels))
             decoder[level] = blocks
         # decoder[l] works at the resolution of encoder[l], so parameter names line up with block names.

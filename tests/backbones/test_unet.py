@@ -281,6 +281,8 @@ def test_config_validation_and_json_round_trip():
         UNetConfig(base_channels=24, groups=32)
     with pytest.raises(ConfigError, match="decoder_kernel=5 is not supported; use 3"):
         UNetConfig(decoder_kernel=5)
+    with pytest.raises(ConfigError, match="decoder_kernel2=2 is not supported; use 3"):
+        UNetConfig(decoder_kernel2=2)
     with pytest.raises(ConfigError, match="patch_size and every channel_mult must be >= 1"):
         UNetConfig(patch_size=0)
     # Attention strides count image pixels: on 2x2 patches the levels are at 2, 4, 8.
@@ -308,3 +310,28 @@ def test_patches_fold_into_channels_before_the_first_conv_and_unfold_from_the_ou
     expected = F.pixel_shuffle(unet.out(features[names[-2]]), 2)
     assert features["out"].shape == x.shape and torch.allclose(features["out"], expected, atol=1e-6)
     assert torch.allclose(unet(x, t), expected, atol=1e-6)
+
+
+@torch.no_grad()
+def test_a_position_wise_decoder_and_projection_before_upsampling():
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    lean = {**unet_config_dict(UNET_PRESETS["tiny"]), "decoder_res_blocks": 1, "upsample_conv": False, "decoder_kernel": 1}
+    reference = random_unet(UNetConfig(**lean))
+    pointwise = random_unet(UNetConfig(**{**lean, "decoder_kernel2": 1, "upsample_project": True}))
+    for level in pointwise.decoder:
+        for name, block in level.items():
+            if name != "up":
+                assert block.conv1.kernel_size == block.conv2.kernel_size == (1, 1) and block.conv2.padding == (0, 0)
+    # tiny is 16/32/32: only the upsampling into the 16-channel level projects (32 -> 16, at the coarser resolution).
+    assert isinstance(pointwise.decoder[2]["up"].project, torch.nn.Identity)
+    assert (pointwise.decoder[1]["up"].project.in_channels, pointwise.decoder[1]["up"].project.out_channels) == (32, 16)
+    assert pointwise.block_channels("up1.up") == 16 and reference.block_channels("up1.up") == 32
+    features = pointwise.forward_features(x, t, ["up1.0", "up1.up", "down0.0"])
+    projected = pointwise.decoder[1]["up"].project(features["up1.0"])
+    assert torch.equal(features["up1.up"], torch.nn.functional.interpolate(projected, scale_factor=2.0, mode="nearest"))
+    assert pointwise.decoder[0]["0"].norm1.num_channels == 16 + 16  # was 32 + 16
+    assert pointwise(x, t).shape == x.shape and count(pointwise) < count(reference)
+    # The encoder and the middle block are built as before: the same weights give the same features.
+    shared = {k: v for k, v in reference.state_dict().items() if not k.startswith("decoder.")}
+    pointwise.load_state_dict(shared, strict=False)
+    assert torch.equal(pointwise.forward_features(x, t, ["mid"])["mid"], reference.forward_features(x, t, ["mid"])["mid"])

@@ -392,7 +392,8 @@ def main() -> None:
         "versions": f"sslbench {sslbench.__version__}, diffusers {diffusers.__version__}, torch {torch.__version__}, "
                     f"lightning {lightning.__version__}, Python {platform.python_version()}",
         "date": str(date.today()), "unet": args.unet, "compile": args.compile, "seed": args.seed,
-        "reuse_freed_memory": reuse_freed_cpu_memory(),  # the workers' setting (each process applies its own) "bank": len(train), "queries": len(test),
+        "bank": len(train), "queries": len(test),
+        "reuse_freed_memory": reuse_freed_cpu_memory(),  # the workers' setting (each process applies its own)
         "floors": {"raw pixels": raw_pixel_knn(train, test, probe)}, "models": {},
     }
     for name in LIBRARIES:

@@ -190,3 +190,7 @@ class BEiTPalette(PretrainMethod):
         masked_indices = masked.nonzero()[:, 1].view(len(view), -1).to(view.device)
         outputs = self.encode_masked(view, masked.to(view.device))
         return self.masked_prediction_loss(outputs, self.target_tokens(view), masked_indices), {}
+
+    def compiled_modules(self) -> list[nn.Module]:
+        # The loss runs the ViT through forward_tokens (with mask tokens), not its forward: compile its blocks.
+        return [*self.encoder.blocks]

@@ -128,3 +128,6 @@ class IGPT(PretrainMethod):
             return autoregressive_loss(self.token_logits(tokens), tokens), {}
         masked = bert_mask(tuple(tokens.shape), self.options.mask_ratio, generator).to(tokens.device)
         return masked_token_loss(self.token_logits(tokens, masked), tokens, masked), {}
+
+    def compiled_modules(self) -> list[nn.Module]:
+        return [self.encoder.transformer]  # the loss calls the transformer on tokens, not the encoder's forward

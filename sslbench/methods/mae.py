@@ -187,3 +187,7 @@ class MAE(PretrainMethod):
         target = patchify(self.encoder.normalize(view), self.encoder.patch_size)
         mask = torch.ones(keep.shape[0], target.shape[1], device=view.device).scatter(1, keep, 0.0)
         return mae_loss(prediction, target, mask, self.options.norm_pix_loss), {}
+
+    def compiled_modules(self) -> list[nn.Module]:
+        # The loss runs the ViT through forward_tokens (kept patches only), not its forward: compile its blocks.
+        return [*self.encoder.blocks, self.decoder]

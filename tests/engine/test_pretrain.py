@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from sslbench import engine
 from sslbench.backbones import build_encoder
+from sslbench.backbones.vit import VIT_PRESETS
 from sslbench.data import load_dataset
 from sslbench.engine import LAST_CHECKPOINT, RunConfig, ShuffledBatches, DataOnDevice, data_fits_on_device, load_encoder, pretrain
 from sslbench.errors import ConfigError, SslbenchError
@@ -224,16 +225,22 @@ def test_data_moves_to_the_gpu_only_when_it_takes_at_most_a_quarter_of_it():
     assert not RunConfig(out=Path("x"), data_on_device=False).data_on_device
 
 
-@pytest.mark.parametrize("method, backbone, compiled", [("ddae", "unet-tiny", "encoder.unet"), ("simclr", "resnet18", "encoder")])
+VIT_BLOCKS = {f"encoder.blocks.{i}" for i in range(VIT_PRESETS["tiny"]["depth"])}
+
+
+@pytest.mark.parametrize("method, backbone, compiled", [
+    ("ddae", "unet-tiny", {"encoder.unet"}), ("simclr", "resnet18", {"encoder"}),
+    # MAE and BEiT run the ViT through forward_tokens, iGPT its transformer on tokens: the encoders' forward is unused.
+    ("mae", None, VIT_BLOCKS | {"decoder"}), ("beit_palette", None, VIT_BLOCKS), ("igpt", None, {"encoder.transformer"})])
 def test_compile_compiles_what_the_training_step_calls_and_keeps_parameter_names(method, backbone, compiled):
     from sslbench.backbones import backbone_spec
     from sslbench.methods.base import TrainConfig
 
     cls = METHODS[method]
-    module = cls(backbone_spec(backbone), cls.Options(), TrainConfig(), 16, 2)
+    module = cls(backbone_spec(backbone) if backbone else dict(cls.default_backbone), cls.Options(), TrainConfig(), 16, 2)
     names = list(module.state_dict())
     engine.compile_for_training(module)
     # DDAE's loss calls the U-Net, not the encoder's readout forward: compiling the encoder alone left it eager.
     compiled_now = {name for name, part in module.named_modules() if part._compiled_call_impl is not None}
-    assert compiled_now == {compiled}
+    assert compiled_now == compiled
     assert list(module.state_dict()) == names  # checkpoints and exports read the same with and without --compile

@@ -79,8 +79,8 @@ so it is no preset. ``small-fast-notop`` is ``unet-small-fast`` without its 32x3
 reads the upsampled map and the 32x32 skip): 76.2M multiply-adds instead of 90.2M, but its middle block read out
 29.35% against small-fast's 33.80% in ``ddae_variant.py`` runs (section 9). ``small-pointwise`` is ``unet-small-fast``
 whose decoder is position-wise (both convolutions of its ResBlocks 1x1) and whose 16x16 map is projected to 32
-channels before upsampling (``UNetConfig.decoder_kernel2``, ``upsample_project``): 10% less time per step than
-small-fast in ``unet_step.py``-like timings (session 15), at a readout this benchmark measures."""
+channels before upsampling (``UNetConfig.decoder_kernel2``, ``upsample_project``), 69.7M multiply-adds: it trained at
+2.67x diffusers' images/s but read out 32.23% against 33.56% (``speed.md`` section 10), so it is no preset."""
 UNETS = ("small", "small-lean", "small-fast", *VARIANTS)
 """sslbench's U-Nets this benchmark trains: ``small`` is diffusers' network layer for layer; ``small-lean`` has
 the same channels and a lean decoder (one ResBlock per level, no convolution after upsampling); ``small-fast`` is

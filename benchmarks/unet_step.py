@@ -5,10 +5,11 @@ timesteps and noise, batch 128, forward + MSE to the noise + backward + AdamW st
 
 - ``step``: ms per training step of sslbench's ``unet-small`` / ``-small-lean`` / ``-small-p2`` (PyTorch's layer init) or
   diffusers' ``UNet2DModel`` in the layout of ``unet-small`` (``ddae_vs_diffusers.diffusers_unet``), in fp32 or
-  under bf16 autocast, NCHW or channels-last; ``--profile`` prints the top operators instead.
+  under bf16 autocast, NCHW or channels-last; ``--profile`` prints the top operators by input shape instead.
 - ``groupnorm``: ms for one forward and backward of ``GroupNorm(32, 64)`` on a 128 x 64 x 32 x 32 map by input
   dtype and layout, under bf16 autocast.
 - ``upsample``: ms for 2x nearest upsampling of a 128 x 64 x 16 x 16 map, PyTorch's kernel against sslbench's.
+- ``pointwise``: ms for the 96 -> 32 1x1 convolution of a 128 x 96 x 32 x 32 map, oneDNN's against sslbench's.
 - ``macs``: multiply-adds per image of every top-level block of a U-Net preset (convolutions and linear layers).
 
     python benchmarks/unet_step.py step --model small --precision bf16 [--channels-last] [--threads 2] [--profile] [--reuse-freed-memory]
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddae_vs_diffusers import UNETS, diffusers_unet, recipe  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 from sslbench.backbones import build_encoder  # noqa: E402
-from sslbench.backbones.unet import upsample_nearest2x  # noqa: E402
+from sslbench.backbones.unet import PointwiseConv, upsample_nearest2x  # noqa: E402
 from sslbench.engine import reuse_freed_cpu_memory  # noqa: E402
 
 BATCH = 128
@@ -86,10 +87,12 @@ def training_step(args: argparse.Namespace) -> None:
     if args.profile:
         for _ in range(args.warmup):
             step()
-        with torch.profiler.profile() as profiler:
+        with torch.profiler.profile(record_shapes=True) as profiler:
             for _ in range(args.steps):
                 step()
-        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        # By input shape: the same operator costs very differently at 32x32 and at 8x8.
+        print(profiler.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20,
+                                                                     max_name_column_width=32, max_shapes_column_width=80))
         return
     ms = time_steps(step, args.warmup, args.steps)
     parameters = sum(p.numel() for p in net.parameters())
@@ -99,11 +102,29 @@ def training_step(args: argparse.Namespace) -> None:
 
 def upsample(args: argparse.Namespace) -> None:
     """2x nearest upsampling of the lean U-Net's 16x16 decoder map: PyTorch's kernel against sslbench's copy."""
-    x = torch.randn(BATCH, 64, 16, 16, requires_grad=True)
-    for name, op in (("F.interpolate", lambda v: F.interpolate(v, scale_factor=2.0, mode="nearest")), ("upsample_nearest2x", upsample_nearest2x)):
+    x, grad = torch.randn(BATCH, 64, 16, 16, requires_grad=True), torch.randn(BATCH, 64, 32, 32)
+    def autograd_copy(v: torch.Tensor) -> torch.Tensor:  # the same copy, with autograd's backward (a 6-d sum)
+        return v[:, :, :, None, :, None].expand(*v.shape[:3], 2, v.shape[3], 2).reshape(*v.shape[:2], 2 * v.shape[2], 2 * v.shape[3])
+
+    for name, op in (("F.interpolate", lambda v: F.interpolate(v, scale_factor=2.0, mode="nearest")),
+                     ("broadcast copy, autograd's backward", autograd_copy), ("upsample_nearest2x", upsample_nearest2x)):
         forward = time_steps(lambda: op(x.detach()), args.warmup, args.steps)
-        both = time_steps(lambda: op(x).sum().backward(), args.warmup, args.steps)
+        both = time_steps(lambda: op(x).backward(grad), args.warmup, args.steps)  # a dense gradient, as in a network
         print(f"{name}, {BATCH} x 64 x 16 x 16 fp32, {args.threads} threads: {forward:.1f} ms forward, {both:.1f} ms forward + backward")
+
+
+def pointwise(args: argparse.Namespace) -> None:
+    """The 1x1 convolution of unet-small-fast's 32x32 decoder block (96 -> 32 channels): oneDNN's against
+    sslbench's batched matrix product (``PointwiseConv``), the same weights, on their own."""
+    torch.manual_seed(0)
+    ours = PointwiseConv(96, 32)
+    theirs = nn.Conv2d(96, 32, 1)
+    theirs.load_state_dict(ours.state_dict())
+    x, grad = torch.randn(BATCH, 96, 32, 32, requires_grad=True), torch.randn(BATCH, 32, 32, 32)
+    for name, op in (("nn.Conv2d(96, 32, 1)", theirs), ("PointwiseConv(96, 32)", ours)):
+        forward = time_steps(lambda: op(x.detach()), args.warmup, args.steps)
+        both = time_steps(lambda: op(x).backward(grad), args.warmup, args.steps)
+        print(f"{name}, {BATCH} x 96 x 32 x 32 fp32, {args.threads} threads: {forward:.1f} ms forward, {both:.1f} ms forward + backward")
 
 
 def groupnorm(args: argparse.Namespace) -> None:
@@ -152,7 +173,7 @@ def macs(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("step", "groupnorm", "upsample", "macs"))
+    parser.add_argument("what", choices=("step", "groupnorm", "upsample", "pointwise", "macs"))
     parser.add_argument("--model", default="small", choices=(*UNETS, "diffusers"))
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--channels-last", action="store_true")
@@ -166,7 +187,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.reuse_freed_memory and not reuse_freed_cpu_memory():
         parser.error("--reuse-freed-memory needs Linux with glibc")
-    {"step": training_step, "groupnorm": groupnorm, "upsample": upsample, "macs": macs}[args.what](args)
+    {"step": training_step, "groupnorm": groupnorm, "upsample": upsample, "pointwise": pointwise, "macs": macs}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -484,8 +484,10 @@ def reuse_freed_cpu_memory() -> bool:
 
     glibc serves blocks larger than its mmap threshold (at most 32 MB) with a fresh ``mmap`` and unmaps them when
     they are freed, so a CPU training step whose activations pass that size (a 128 x 64 x 32 x 32 fp32 map is 33.5 MB)
-    page-faults them in again at every step: on 2 AVX2 cores the fp32 step of ``unet-small-fast`` took 1160 ms with
-    the default and 930 ms with freed memory kept (``benchmarks/unet_step.py step``, the mean of three runs each).
+    page-faults them in again at every step: on 2 AVX2 cores the fp32 step of ``unet-small-fast`` took 1069-1241 ms
+    with the default and 819-929 ms with freed memory kept, diffusers' U-Net of the same channels 2641-2764 and
+    2148-2374 ms (``python benchmarks/unet_step.py step --model M --precision fp32 --steps 6 --warmup 2
+    [--reuse-freed-memory]``, two runs each).
     The process then keeps its peak memory until it exits, which a training process reaches at every step anyway.
     PyTorch's CPU tuning guide gets the same by preloading jemalloc or tcmalloc. Returns whether it applied (Linux
     with glibc; elsewhere nothing changes)."""

@@ -39,4 +39,11 @@ def test_the_upsampling_kernels_are_timed(unet_step, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["unet_step.py", "upsample", "--threads", "1", "--warmup", "0", "--steps", "1"])
     unet_step.main()
     out = capsys.readouterr().out
-    assert "F.interpolate" in out and "upsample_nearest2x" in out and out.count("ms forward + backward") == 2
+    assert "F.interpolate" in out and "autograd" in out and "upsample_nearest2x" in out and out.count("ms forward + backward") == 3
+
+
+def test_the_pointwise_convolutions_are_timed(unet_step, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["unet_step.py", "pointwise", "--threads", "1", "--warmup", "0", "--steps", "1"])
+    unet_step.main()
+    out = capsys.readouterr().out
+    assert "nn.Conv2d(96, 32, 1)" in out and "PointwiseConv(96, 32)" in out and out.count("ms forward + backward") == 2

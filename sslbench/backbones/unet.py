@@ -24,8 +24,9 @@ level, ``out_6`` (their CIFAR-10 DDPM readout) is ``up2.2``.
 Speed: attention only where configured (fused ``F.scaled_dot_product_attention``, plain ops for bf16 on the
 CPU, see ``attention``), one ``GroupNorm`` call per norm with an in-place SiLU after it, in-place additions
 where autograd allows, the time embedding (and its SiLU) computed once per forward, nearest upsampling as a
-broadcast copy (``upsample_nearest2x``: PyTorch's CPU kernel is 5-7x slower), and no dropout module when dropout
-is 0. The code works in either memory format, but contiguous (NCHW) was the faster one in our
+broadcast copy with a backward of contiguous sums (``upsample_nearest2x``: PyTorch's CPU kernel is 4-5x slower),
+1x1 convolutions as batched matrix products (``PointwiseConv``: oneDNN's NCHW one is 2.7x slower), and no dropout
+module when dropout is 0. The code works in either memory format, but contiguous (NCHW) was the faster one in our
 measurements, on CPU and on an H100 alike, because GroupNorm is slow in channels-last (on the CPU in bf16 its
 forward-backward took 5x as long as in NCHW, more than the convolutions gain there). Training time is ~75%
 convolutions, so bf16 autocast is the remaining big lever (about 1.7x on CPUs with bf16 instructions).
@@ -74,7 +75,10 @@ class UNetConfig:
     upsample_project: bool = False
     """Before upsampling into a level with fewer channels, map the coarser map to that level's channels with a 1x1
     convolution at the coarser resolution, so the finer level concatenates (and normalises, and mixes) fewer channels
-    at 4x the positions: in unet-small-lean, 64 instead of 96 at 32x32."""
+    at 4x the positions: in unet-small-lean, 64 instead of 96 at 32x32. Both this and ``decoder_kernel2=1`` on
+    unet-small-fast (69.7M multiply-adds instead of 90.2M) trained at 2.67x the fp32 images/s of diffusers'
+    UNet2DModel of the same channels on 2 CPU cores, but read out 32.23% against its 33.56% after 3 epochs of C10-mini
+    (``benchmarks/ddae_vs_diffusers.py --unet small-pointwise``, ``benchmarks/results/speed.md`` section 10)."""
     top_decoder_block: bool = True
     """``False`` drops the decoder ResBlocks of the first (finest) level: the output head reads the upsampled map
     concatenated with that level's deepest encoder skip. The encoder, where DDAE reads its features, is unchanged."""
@@ -129,9 +133,9 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     "small-lean": UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0,
                              groups=32, decoder_res_blocks=1, upsample_conv=False, init="pytorch"),
     # "small-lean" whose decoder ResBlocks mix the concatenated skip with a 1x1 convolution (``decoder_kernel=1``),
-    # 0.60M parameters, 90M multiply-adds per image against diffusers' 248M: 1.81x the fp32 training images/s of
-    # diffusers' UNet2DModel of the same channels on 2 AVX2 cores, and a readout 0.2 points higher after 3 epochs
-    # of C10-mini (benchmarks/ddae_vs_diffusers.py --unet small-fast, benchmarks/results/speed.md section 9).
+    # 0.60M parameters, 90M multiply-adds per image against diffusers' 248M: 2.28x the fp32 training images/s of
+    # diffusers' UNet2DModel of the same channels on 2 AVX2 cores, and a readout 0.1 point higher after 3 epochs
+    # of C10-mini (benchmarks/ddae_vs_diffusers.py --unet small-fast, benchmarks/results/speed.md section 10).
     "small-fast": UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0,
                              groups=32, decoder_res_blocks=1, upsample_conv=False, decoder_kernel=1, init="pytorch"),
     # The DDPM CIFAR-10 model, 35.7M parameters (Ho et al. 2020; the DDAE CIFAR-10 DDPM backbone).
@@ -196,9 +200,10 @@ def _as_nhwc(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
 class PointwiseConv(nn.Conv2d):
     """A 1x1 convolution (the same parameters as ``nn.Conv2d(in, out, 1)``) computed as a matrix product.
 
-    On the CPU oneDNN's 1x1 convolution of NCHW maps is slow in the backward, and erratically so: in the fp32
-    training step of unet-small-fast (2 AVX2 cores, torch 2.15) the decoder's 96 -> 32 one at 32x32 took 114-339 ms
-    per backward, against about 40 ms for this batched product. Channels-last maps are a plain ``linear``."""
+    On the CPU oneDNN's 1x1 convolution of NCHW maps is slow, in the backward most: the 96 -> 32 one of
+    unet-small-fast's 32x32 decoder block, on a (128, 96, 32, 32) fp32 map, took 52.7 ms forward and 164.6 ms
+    forward and backward on 2 AVX2 cores, this product 11.3 and 61.9 ms (torch 2.15; ``python
+    benchmarks/unet_step.py pointwise --steps 10``). Channels-last maps are a plain ``linear``."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 1)
@@ -268,8 +273,9 @@ class Downsample(nn.Module):
 class _UpsampleNearest2x(torch.autograd.Function):
     """2x nearest upsampling whose backward adds the 2x2 blocks as two halvings of contiguous memory.
 
-    Autograd's backward of the broadcast copy is a ``sum`` over the two broadcast dimensions of a 6-d view: 67 ms for
-    a (128, 64, 32, 32) gradient on 2 AVX2 cores, against 3 ms for this one (the same sums; torch 2.15)."""
+    Autograd's backward of the broadcast copy is a ``sum`` over the two broadcast dimensions of a 6-d view: with it
+    the copy of a (128, 64, 16, 16) map took 79-92 ms forward and backward on 2 AVX2 cores, with this one 33.5 ms,
+    about its forward alone (torch 2.15; ``python benchmarks/unet_step.py upsample --steps 10``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -298,8 +304,8 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
     """``F.interpolate(x, scale_factor=2, mode="nearest")`` as a broadcast copy, in ``x``'s memory format.
 
     The same values and gradients, and on the CPU several times faster: PyTorch's CPU nearest-upsampling kernel took
-    141 ms for a (128, 64, 16, 16) fp32 map on 2 cores, the broadcast copy 20 ms, and 134 ms against 24 ms with the
-    backward (torch 2.15, AVX2 EPYC; ``python benchmarks/unet_step.py upsample --steps 10``)."""
+    139-171 ms for a (128, 64, 16, 16) fp32 map on 2 cores, this copy 31-33 ms, and 146-154 ms against 33.5 ms with
+    the backward (torch 2.15, AVX2 EPYC; ``python benchmarks/unet_step.py upsample --steps 10``, two runs)."""
     return _UpsampleNearest2x.apply(x)
 
 

@@ -200,6 +200,14 @@ def test_models_with_a_narrow_strided_pointwise_conv_train_contiguous_on_the_cpu
     assert layouts == {"narrow": False, "wide": True}
 
 
+def test_cpu_training_keeps_freed_memory_for_reuse(tmp_path, small_scenes, monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine, "reuse_freed_cpu_memory", lambda: calls.append(True) or True)
+    pretrain("simclr", small_scenes, RunConfig(out=tmp_path / "run", accelerator="cpu", progress=False),
+             backbone=RESNET, train={"epochs": 1, "batch_size": 32})
+    assert calls == [True]
+
+
 def test_batches_are_gathered_on_the_device_the_data_lives_on():
     # "meta" stands in for a GPU (CI has none): the same code path moves images, masks and the permutation.
     images = torch.arange(6 * 3 * 2 * 2, dtype=torch.uint8).reshape(6, 3, 2, 2)

@@ -133,9 +133,10 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     "small-lean": UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0,
                              groups=32, decoder_res_blocks=1, upsample_conv=False, init="pytorch"),
     # "small-lean" whose decoder ResBlocks mix the concatenated skip with a 1x1 convolution (``decoder_kernel=1``),
-    # 0.60M parameters, 90M multiply-adds per image against diffusers' 248M: 2.28x the fp32 training images/s of
-    # diffusers' UNet2DModel of the same channels on 2 AVX2 cores, and a readout 0.1 point higher after 3 epochs
-    # of C10-mini (benchmarks/ddae_vs_diffusers.py --unet small-fast, benchmarks/results/speed.md section 10).
+    # 0.60M parameters, 90M multiply-adds per image against diffusers' 248M: 2.11-2.28x the fp32 training images/s
+    # of diffusers' UNet2DModel of the same channels on 2 AVX2 cores; after 3 epochs of C10-mini its readout was 0.1
+    # point higher with seed 0 and 1.6 lower with seed 1 (benchmarks/ddae_vs_diffusers.py --unet small-fast [--seed 1],
+    # benchmarks/results/speed.md section 10).
     "small-fast": UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0,
                              groups=32, decoder_res_blocks=1, upsample_conv=False, decoder_kernel=1, init="pytorch"),
     # The DDPM CIFAR-10 model, 35.7M parameters (Ho et al. 2020; the DDAE CIFAR-10 DDPM backbone).

@@ -100,17 +100,26 @@ def training_step(args: argparse.Namespace) -> None:
           f"{ms:.0f} ms per step of {BATCH}, {BATCH / ms * 1000:.0f} images/s")
 
 
+def time_ops(args: argparse.Namespace, ops: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor,
+             grad: torch.Tensor) -> None:
+    """Print ms for the forward of each op on ``x``, and for forward + backward of the dense gradient ``grad`` (as in
+    a network)."""
+    shape = " x ".join(str(n) for n in x.shape)
+    for name, op in ops.items():
+        forward = time_steps(lambda: op(x.detach()), args.warmup, args.steps)
+        both = time_steps(lambda: op(x).backward(grad), args.warmup, args.steps)
+        print(f"{name}, {shape} fp32, {args.threads} threads: {forward:.1f} ms forward, {both:.1f} ms forward + backward")
+
+
 def upsample(args: argparse.Namespace) -> None:
     """2x nearest upsampling of the lean U-Net's 16x16 decoder map: PyTorch's kernel against sslbench's copy."""
     x, grad = torch.randn(BATCH, 64, 16, 16, requires_grad=True), torch.randn(BATCH, 64, 32, 32)
+
     def autograd_copy(v: torch.Tensor) -> torch.Tensor:  # the same copy, with autograd's backward (a 6-d sum)
         return v[:, :, :, None, :, None].expand(*v.shape[:3], 2, v.shape[3], 2).reshape(*v.shape[:2], 2 * v.shape[2], 2 * v.shape[3])
 
-    for name, op in (("F.interpolate", lambda v: F.interpolate(v, scale_factor=2.0, mode="nearest")),
-                     ("broadcast copy, autograd's backward", autograd_copy), ("upsample_nearest2x", upsample_nearest2x)):
-        forward = time_steps(lambda: op(x.detach()), args.warmup, args.steps)
-        both = time_steps(lambda: op(x).backward(grad), args.warmup, args.steps)  # a dense gradient, as in a network
-        print(f"{name}, {BATCH} x 64 x 16 x 16 fp32, {args.threads} threads: {forward:.1f} ms forward, {both:.1f} ms forward + backward")
+    time_ops(args, {"F.interpolate": lambda v: F.interpolate(v, scale_factor=2.0, mode="nearest"),
+                    "broadcast copy, autograd's backward": autograd_copy, "upsample_nearest2x": upsample_nearest2x}, x, grad)
 
 
 def pointwise(args: argparse.Namespace) -> None:
@@ -121,10 +130,7 @@ def pointwise(args: argparse.Namespace) -> None:
     theirs = nn.Conv2d(96, 32, 1)
     theirs.load_state_dict(ours.state_dict())
     x, grad = torch.randn(BATCH, 96, 32, 32, requires_grad=True), torch.randn(BATCH, 32, 32, 32)
-    for name, op in (("nn.Conv2d(96, 32, 1)", theirs), ("PointwiseConv(96, 32)", ours)):
-        forward = time_steps(lambda: op(x.detach()), args.warmup, args.steps)
-        both = time_steps(lambda: op(x).backward(grad), args.warmup, args.steps)
-        print(f"{name}, {BATCH} x 96 x 32 x 32 fp32, {args.threads} threads: {forward:.1f} ms forward, {both:.1f} ms forward + backward")
+    time_ops(args, {"nn.Conv2d(96, 32, 1)": theirs, "PointwiseConv(96, 32)": ours}, x, grad)
 
 
 def groupnorm(args: argparse.Namespace) -> None:

@@ -69,7 +69,7 @@ def main() -> None:
                       callbacks=[keep])
     print("epoch losses:", ", ".join(f"{loss:.4f}" for loss in result.epoch_losses), flush=True)
     readout = read_out("sslbench", keep.state, train, test, ProbeConfig(seed=0, device="cpu", knn_k=200, knn_temperature=0.1),
-                       spec["backbone"])
+                       spec["backbone"], seed=0)
     for cell in readout.cells:
         print(f"t = {cell.t}, {cell.block}: {cell.top1:.2%}")
     print(f"best: {readout.best.top1:.2%} (t = {readout.best.t}, {readout.best.block}); "

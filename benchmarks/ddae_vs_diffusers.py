@@ -16,7 +16,8 @@ images scaled to [-1, 1], noised to level t with a seeded draw, a block's map av
 k = 200, T = 0.1 with the training images as the bank) over t in {11, 51, 101} and two blocks: ``mid`` (stride 4)
 and ``up1.1`` (the last decoder ResBlock at stride 2; diffusers' ``up_blocks[1].resnets[1]``). sslbench's U-Net
 returns the blocks and stops after the last one it needs; diffusers' blocks are read with forward hooks over a full
-forward pass, as DDAE's official code reads its U-Net. Each model at random init (seed 0) is scored at its best cell.
+forward pass, as DDAE's official code reads its U-Net. Each model at a random init drawn with the run's seed is scored
+at its best cell.
 
 ``--unet small-lean`` trains sslbench's ``unet-small-lean`` instead: the same channels, attention and encoder, and a
 lean decoder (one ResBlock per level, no convolution after upsampling; 754,531 parameters). Its second block is then
@@ -243,10 +244,11 @@ class DiffusersReadout(nn.Module):
         self.t, self.noise_seed = t, noise_seed
 
 
-def readout_encoder(library: str, state: dict[str, Any] | None, backbone: dict[str, Any] = RECIPE["backbone"]) -> nn.Module:
-    """The library's U-Net with the given weights (numpy arrays), or at random init (seed 0) when ``state`` is None;
-    ``backbone`` is sslbench's."""
-    torch.manual_seed(0)
+def readout_encoder(library: str, state: dict[str, Any] | None, backbone: dict[str, Any] = RECIPE["backbone"],
+                    seed: int = 0) -> nn.Module:
+    """The library's U-Net with the given weights (numpy arrays), or at a random init drawn with ``seed`` when
+    ``state`` is None; ``backbone`` is sslbench's."""
+    torch.manual_seed(seed)
     encoder = build_encoder(backbone) if library == "sslbench" else DiffusersReadout(diffusers_unet())
     if state is not None:
         target = encoder if library == "sslbench" else encoder.unet.model
@@ -264,14 +266,15 @@ class Readout:
     random_init_top1: float
 
 
-def read_out(library: str, state: dict[str, Any], train, test, probe: ProbeConfig, backbone: dict[str, Any]) -> Readout:
-    """The grid over ``LEVELS`` x ``readout_blocks``; extraction time is the study's time minus its kNN votes."""
+def read_out(library: str, state: dict[str, Any], train, test, probe: ProbeConfig, backbone: dict[str, Any], seed: int) -> Readout:
+    """The grid over ``LEVELS`` x ``readout_blocks``; extraction time is the study's time minus its kNN votes. The
+    random-init floor is drawn with the run's ``seed``, so each seed's run is compared with an init of its own."""
     start = time.perf_counter()
     blocks = list(readout_blocks(library, backbone))
     cells = run_study(readout_encoder(library, state, backbone), train, test, list(LEVELS), blocks, "knn", probe)
     extraction_seconds = time.perf_counter() - start - sum(cell.seconds for cell in cells)
     best = max(cells, key=lambda cell: cell.top1)
-    random_init = run_study(readout_encoder(library, None, backbone), train, test, [best.t], [best.block], "knn", probe)[0].top1
+    random_init = run_study(readout_encoder(library, None, backbone, seed), train, test, [best.t], [best.block], "knn", probe)[0].top1
     return Readout(cells, best, (len(train) + len(test)) * len(LEVELS) / extraction_seconds, random_init)
 
 
@@ -380,7 +383,7 @@ def main() -> None:
     readouts: dict[str, Readout] = {}
 
     def evaluate(name: str, state: dict[str, Any]) -> float:
-        readouts[name] = read_out(name, state, train, test, probe, sslbench_recipe["backbone"])
+        readouts[name] = read_out(name, state, train, test, probe, sslbench_recipe["backbone"], args.seed)
         return readouts[name].best.top1
 
     runs = run_side_by_side(settings, evaluate, WORKERS)

@@ -75,6 +75,17 @@ def test_readout_encoder_loads_the_state_a_worker_sends(bench):
     assert not torch.equal(random_init.unet.model.conv_in.weight, trained.conv_in.weight)
 
 
+@pytest.mark.parametrize("library", ["sslbench", "diffusers"])
+def test_random_init_is_drawn_with_the_runs_seed(bench, library):
+    """The random-init floor of a ``--seed 1`` run is another init than seed 0's, the same one every time."""
+    def first_weight(seed: int) -> torch.Tensor:
+        encoder = bench.readout_encoder(library, None, seed=seed)
+        return next(p for p in encoder.parameters() if p.dim() == 4).detach().clone()
+
+    assert torch.equal(first_weight(1), first_weight(1))
+    assert not torch.equal(first_weight(0), first_weight(1))
+
+
 @pytest.fixture
 def tiny_images(bench, monkeypatch):
     """128 random uint8 images (one batch) instead of CIFAR-10, for both workers."""

@@ -22,11 +22,12 @@ DDAE's block ``out_k`` (the k-th decoder ResBlock) is our ``up{l}.{i}`` in the s
 level, ``out_6`` (their CIFAR-10 DDPM readout) is ``up2.2``.
 
 Speed: attention only where configured (fused ``F.scaled_dot_product_attention``, plain ops for bf16 on the
-CPU, see ``attention``), one ``GroupNorm`` call per norm with an in-place SiLU after it, in-place additions
-where autograd allows, the time embedding (and its SiLU) computed once per forward, nearest upsampling as a
-broadcast copy with a backward of contiguous sums (``upsample_nearest2x``: PyTorch's CPU kernel is 4-5x slower),
-1x1 convolutions as batched matrix products (``PointwiseConv``: oneDNN's NCHW one is 2.7x slower), and no dropout
-module when dropout is 0. The code works in either memory format, but contiguous (NCHW) was the faster one in our
+CPU, see ``attention``), one ``GroupNorm`` call per norm (its SiLU in place only outside autograd, which would copy
+the map first), in-place additions where autograd allows, the time embedding (and its SiLU) computed once per
+forward, nearest upsampling as a broadcast copy with a backward of contiguous sums (``upsample_nearest2x``:
+PyTorch's CPU kernel is 4-5x slower), 1x1 convolutions as batched matrix products (``PointwiseConv``: oneDNN's NCHW
+one is 2.7x slower), decoder blocks that meet their input with 1x1 convolutions only normalising and mixing the
+upsampled part at its coarse resolution (``ResBlock.forward_upsampled``), and no dropout module when dropout is 0. The code works in either memory format, but contiguous (NCHW) was the faster one in our
 measurements, on CPU and on an H100 alike, because GroupNorm is slow in channels-last (on the CPU in bf16 its
 forward-backward took 5x as long as in NCHW, more than the convolutions gain there). Training time is ~75%
 convolutions, so bf16 autocast is the remaining big lever (about 1.7x on CPUs with bf16 instructions).
@@ -156,8 +157,29 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    # GroupNorm's backward needs its input, not its output, so the SiLU may overwrite the output.
-    return F.silu(norm(x), inplace=True)
+    """SiLU(GroupNorm(x)), in place only where no autograd graph records it: SiLU's backward needs its input, so
+    autograd copies the map before an in-place SiLU, one pass over it more than the out-of-place op."""
+    h = norm(x)
+    return F.silu(h, inplace=not h.requires_grad)
+
+
+def _concat_group_norm_affine(norm: nn.GroupNorm, parts: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The per-image, per-channel ``(scale, shift)`` (each (B, C_part, 1, 1)) with which ``norm`` maps the channel
+    concatenation of ``parts``, where a part may be at a coarser resolution and stand for its nearest upsampling (it
+    has the same per-channel mean and variance). A group's variance is its channels' mean variance plus the variance
+    of their means (every channel has as many positions), so groups may straddle two parts. Statistics are taken in
+    at least float32, as GroupNorm takes them under autocast."""
+    stats = [torch.var_mean(part.to(torch.promote_types(part.dtype, torch.float32)), dim=(2, 3), correction=0) for part in parts]
+    var, mean = torch.cat([v for v, _ in stats], 1), torch.cat([m for _, m in stats], 1)
+    b, c = mean.shape
+    grouped = mean.view(b, norm.num_groups, -1)
+    group_mean = grouped.mean(2, keepdim=True)
+    group_var = (var.view_as(grouped) + (grouped - group_mean).square()).mean(2, keepdim=True)
+    rstd = torch.rsqrt(group_var + norm.eps)
+    scale = rstd * norm.weight.view(1, norm.num_groups, -1)
+    shift = norm.bias.view(1, norm.num_groups, -1) - group_mean * scale
+    sizes = [part.shape[1] for part in parts]
+    return list(zip(scale.reshape(b, c, 1, 1).split(sizes, 1), shift.reshape(b, c, 1, 1).split(sizes, 1)))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -198,6 +220,18 @@ def _as_nhwc(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (x.permute(0, 2, 3, 1), True) if channels_last else (x, False)
 
 
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A 1x1 convolution of ``x`` (B, C_in, H, W) by ``weight`` (C_out, C_in) as a matrix product, in ``x``'s memory
+    format (see ``PointwiseConv``)."""
+    v, nhwc = _as_nhwc(x)
+    if nhwc:
+        return F.linear(v, weight, bias).permute(0, 3, 1, 2)
+    b, _, h, w = x.shape
+    flat, weights = x.reshape(b, -1, h * w), weight.expand(b, -1, -1)
+    out = torch.bmm(weights, flat) if bias is None else torch.baddbmm(bias.view(1, -1, 1).expand(b, -1, h * w), weights, flat)
+    return out.view(b, -1, h, w)
+
+
 class PointwiseConv(nn.Conv2d):
     """A 1x1 convolution (the same parameters as ``nn.Conv2d(in, out, 1)``) computed as a matrix product.
 
@@ -209,14 +243,12 @@ class PointwiseConv(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 1)
 
+    def matrix(self) -> torch.Tensor:
+        """The weight as (out_channels, in_channels)."""
+        return self.weight.view(self.out_channels, self.in_channels)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.view(self.out_channels, self.in_channels)
-        v, nhwc = _as_nhwc(x)
-        if nhwc:
-            return F.linear(v, weight, self.bias).permute(0, 3, 1, 2)
-        b, _, h, w = x.shape
-        out = torch.baddbmm(self.bias.view(1, -1, 1).expand(b, -1, h * w), weight.expand(b, -1, -1), x.reshape(b, -1, h * w))
-        return out.view(b, -1, h, w)
+        return pointwise(x, self.matrix(), self.bias)
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
@@ -246,8 +278,33 @@ class ResBlock(nn.Module):
         """``time_act`` is SiLU(time embedding), computed once per U-Net forward."""
         h = self.conv1(_norm_silu(self.norm1, x))
         h = h.add_(self.time_proj(time_act)[:, :, None, None])  # conv's backward does not need its output
+        return self._second_half(h, self.skip(x))
+
+    def _second_half(self, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         h = self.conv2(self.dropout(_norm_silu(self.norm2, h)))
-        return self.attention(h.add_(self.skip(x)))
+        return self.attention(h.add_(skip))
+
+    def reads_upsampled_exactly(self) -> bool:
+        """Whether ``forward_upsampled`` applies: both maps the input meets first are position-wise (1x1 convolutions)."""
+        return isinstance(self.conv1, PointwiseConv) and isinstance(self.skip, PointwiseConv)
+
+    def forward_upsampled(self, coarse: torch.Tensor, skip: torch.Tensor, time_act: torch.Tensor) -> torch.Tensor:
+        """``forward(cat([upsample_nearest2x(coarse), skip]), time_act)`` without making the upsampled concatenation.
+
+        Nearest upsampling keeps every channel's mean and variance, and GroupNorm, SiLU and a 1x1 convolution act
+        position by position, so the first half of the block commutes with the upsampling: the ``coarse`` channels
+        are normalised and mixed at their own resolution (a quarter of the positions), and only the mixed map,
+        with the block's output channels, is upsampled, into the sum with the ``skip`` channels' share. In
+        unet-small-fast this skips the 96-channel 32x32 concatenation. The same function up to rounding (tested);
+        needs ``reads_upsampled_exactly()``."""
+        cut = coarse.shape[1]
+        (scale_c, shift_c), (scale_s, shift_s) = _concat_group_norm_affine(self.norm1, [coarse, skip])
+        mixed_c = F.silu(torch.addcmul(shift_c, coarse, scale_c))
+        mixed_s = F.silu(torch.addcmul(shift_s, skip, scale_s))
+        conv1, projection = self.conv1.matrix(), self.skip.matrix()
+        h = add_upsampled(pointwise(mixed_s, conv1[:, cut:], self.conv1.bias), pointwise(mixed_c, conv1[:, :cut]))
+        h = h.add_(self.time_proj(time_act)[:, :, None, None])
+        return self._second_half(h, add_upsampled(pointwise(skip, projection[:, cut:], self.skip.bias), pointwise(coarse, projection[:, :cut])))
 
 
 class MiddleBlock(nn.Module):
@@ -271,34 +328,54 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-class _UpsampleNearest2x(torch.autograd.Function):
-    """2x nearest upsampling whose backward adds the 2x2 blocks as two halvings of contiguous memory.
+def _pairs(x: torch.Tensor) -> torch.Tensor:
+    """A (B, C, 2H, 2W) map as a 6-d view whose dimensions 2 and 4 (NCHW: (B, C, H, 2, W, 2)) or 1 and 3 (channels-last:
+    (B, H, 2, W, 2, C)) step inside the 2x2 blocks; ``x`` must be contiguous in its memory format."""
+    v, nhwc = _as_nhwc(x)
+    if nhwc:
+        b, h2, w2, c = v.shape
+        return v.view(b, h2 // 2, 2, w2 // 2, 2, c)
+    b, c, h2, w2 = v.shape
+    return v.view(b, c, h2 // 2, 2, w2 // 2, 2)
 
-    Autograd's backward of the broadcast copy is a ``sum`` over the two broadcast dimensions of a 6-d view: with it
-    the copy of a (128, 64, 16, 16) map took 79-92 ms forward and backward on 2 AVX2 cores, with this one 33.5 ms,
-    about its forward alone (torch 2.15; ``python benchmarks/unet_step.py upsample --steps 10``)."""
+
+def _spread(x: torch.Tensor) -> torch.Tensor:
+    """A (B, C, H, W) map as a 6-d view that broadcasts against ``_pairs`` of its 2x upsampling."""
+    v, nhwc = _as_nhwc(x)
+    return v[:, :, None, :, None, :] if nhwc else v[:, :, :, None, :, None]
+
+
+def _sum_2x2_blocks(grad: torch.Tensor) -> torch.Tensor:
+    """The backward of nearest 2x upsampling: each 2x2 block's sum, as two halvings of contiguous memory (autograd's
+    own backward of a broadcast copy is a ``sum`` over two broadcast dimensions of a 6-d view)."""
+    g, nhwc = _as_nhwc(grad)
+    if nhwc:
+        b, h2, w2, c = g.shape
+        rows = g.reshape(b, h2 // 2, 2, w2 * c)
+        rows = (rows[:, :, 0] + rows[:, :, 1]).view(b, h2 // 2, w2 // 2, 2, c)
+        return (rows[:, :, :, 0] + rows[:, :, :, 1]).permute(0, 3, 1, 2)
+    b, c, h2, w2 = g.shape
+    rows = g.reshape(b, c, h2 // 2, 2, w2)
+    rows = (rows[:, :, :, 0] + rows[:, :, :, 1]).view(b, c, h2 // 2, w2 // 2, 2)
+    return rows[..., 0] + rows[..., 1]
+
+
+class _UpsampleNearest2x(torch.autograd.Function):
+    """2x nearest upsampling whose backward is ``_sum_2x2_blocks``: with autograd's backward the copy of a (128, 64,
+    16, 16) map took 79-92 ms forward and backward on 2 AVX2 cores, with this one 33.5 ms, about its forward alone
+    (torch 2.15; ``python benchmarks/unet_step.py upsample --steps 10``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        v, nhwc = _as_nhwc(x)
-        if nhwc:  # (B, H, W, C): rows are dimension 1, columns dimension 2
-            b, h, w, c = v.shape
-            return v[:, :, None, :, None, :].expand(b, h, 2, w, 2, c).reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
-        b, c, h, w = v.shape
-        return v[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+        b, c, h, w = x.shape
+        layout = torch.channels_last if _as_nhwc(x)[1] else torch.contiguous_format
+        out = torch.empty((b, c, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=layout)
+        _pairs(out).copy_(_spread(x))
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        g, nhwc = _as_nhwc(grad)
-        if nhwc:
-            b, h2, w2, c = g.shape
-            rows = g.reshape(b, h2 // 2, 2, w2 * c)
-            rows = (rows[:, :, 0] + rows[:, :, 1]).view(b, h2 // 2, w2 // 2, 2, c)
-            return (rows[:, :, :, 0] + rows[:, :, :, 1]).permute(0, 3, 1, 2)
-        b, c, h2, w2 = g.shape
-        rows = g.reshape(b, c, h2 // 2, 2, w2)
-        rows = (rows[:, :, :, 0] + rows[:, :, :, 1]).view(b, c, h2 // 2, w2 // 2, 2)
-        return rows[..., 0] + rows[..., 1]
+        return _sum_2x2_blocks(grad)
 
 
 def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
@@ -310,6 +387,29 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
     return _UpsampleNearest2x.apply(x)
 
 
+class _AddUpsampled(torch.autograd.Function):
+    """``fine + upsample_nearest2x(coarse)`` in one pass, without making the upsampled map."""
+
+    @staticmethod
+    def forward(ctx, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(fine)
+        torch.add(_pairs(fine), _spread(coarse), out=_pairs(out))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, _sum_2x2_blocks(grad)
+
+
+def add_upsampled(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """``fine + upsample_nearest2x(coarse)`` for a (B, C, 2H, 2W) map and a (B, C, H, W) one in the same memory format,
+    the sum made in one pass over ``fine``."""
+    nhwc = _as_nhwc(fine)[1]
+    if nhwc != _as_nhwc(coarse)[1] or not fine.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format):
+        return fine + upsample_nearest2x(coarse)
+    return _AddUpsampled.apply(fine, coarse)
+
+
 class Upsample(nn.Module):
     """Optionally a 1x1 projection to ``out_channels`` (at the coarse resolution), 2x nearest upsampling, optionally
     a 3x3 convolution."""
@@ -319,6 +419,10 @@ class Upsample(nn.Module):
         out_channels = out_channels or channels
         self.project = PointwiseConv(channels, out_channels) if out_channels != channels else nn.Identity()
         self.conv = nn.Conv2d(out_channels, out_channels, 3, padding=1) if conv else nn.Identity()
+
+    def is_plain(self) -> bool:
+        """Whether it only upsamples (no projection, no convolution)."""
+        return isinstance(self.project, nn.Identity) and isinstance(self.conv, nn.Identity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(upsample_nearest2x(self.project(x)))
@@ -347,6 +451,14 @@ class _Step:
     skip: int | None = None
     """For a decoder ResBlock (or the output head, without a top decoder block): the index of the encoder output it
     concatenates (in the order they were made)."""
+
+
+def _upsampled_by_next(upsample: nn.Module, following: list[tuple[_Step, nn.Module]]) -> bool:
+    """Whether the decoder ResBlock after ``upsample`` can take the map before it and its own skip separately
+    (``ResBlock.forward_upsampled``): a plain upsampling followed by a ResBlock that concatenates a skip and meets
+    its input with 1x1 convolutions only."""
+    return (bool(following) and following[0][0].skip is not None and isinstance(upsample, Upsample) and upsample.is_plain()
+            and isinstance(following[0][1], ResBlock) and following[0][1].reads_upsampled_exactly())
 
 
 class UNet(nn.Module):
@@ -487,16 +599,24 @@ class UNet(nn.Module):
         outputs: dict[str, torch.Tensor] = {}
         patch = self.config.patch_size
         h = F.pixel_unshuffle(x, patch) if patch > 1 else x
-        for step, module in zip(self._steps[: last + 1], self._blocks_in_order()):
+        pairs = list(zip(self._steps[: last + 1], self._blocks_in_order()))
+        coarse = None  # the map before an upsampling that the next decoder ResBlock makes itself
+        for index, (step, module) in enumerate(pairs):
             role = step.role
-            if step.skip is not None:
-                h = torch.cat([h, skips[step.skip]], dim=1)
-            if role == _OUT and patch > 1:
-                h = F.pixel_shuffle(module(h), patch)
-            elif role in (_DOWN_RES, _MID, _UP_RES):
-                h = module(h, time_act)
+            if role == _UP and step.name not in wanted and _upsampled_by_next(module, pairs[index + 1:index + 2]):
+                coarse = h
+                continue
+            if coarse is not None:
+                h, coarse = module.forward_upsampled(coarse, skips[step.skip], time_act), None
             else:
-                h = module(h)
+                if step.skip is not None:
+                    h = torch.cat([h, skips[step.skip]], dim=1)
+                if role == _OUT and patch > 1:
+                    h = F.pixel_shuffle(module(h), patch)
+                elif role in (_DOWN_RES, _MID, _UP_RES):
+                    h = module(h, time_act)
+                else:
+                    h = module(h)
             if role in (_IN, _DOWN_RES, _DOWN):
                 skips.append(h)
             if step.name in wanted:

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from sslbench.backbones.unet import (UNET_PRESETS, UNet, UNetConfig, attention, timestep_embedding, unet_config_dict,
-                                     PointwiseConv, upsample_nearest2x)
+                                     PointwiseConv, ResBlock, add_upsampled, upsample_nearest2x)
+from sslbench.backbones import unet as unet_module
 from sslbench.errors import ConfigError
 
 
@@ -256,6 +257,83 @@ def test_nearest_upsampling_copy_equals_pytorchs_kernel_in_both_layouts():
     assert torch.autograd.gradcheck(upsample_nearest2x, (x64.detach().contiguous(memory_format=torch.channels_last).requires_grad_(),))
 
 
+def test_adding_an_upsampled_map_equals_adding_its_upsampling_in_both_layouts():
+    fine, coarse = torch.randn(2, 3, 6, 8, requires_grad=True), torch.randn(2, 3, 3, 4, requires_grad=True)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        f, c = fine.contiguous(memory_format=layout), coarse.contiguous(memory_format=layout)
+        ours, theirs = add_upsampled(f, c), f + F.interpolate(c, scale_factor=2.0, mode="nearest")
+        assert torch.equal(ours, theirs) and ours.is_contiguous(memory_format=layout)
+        grad = torch.randn_like(theirs)
+        for a, b in zip(torch.autograd.grad(ours, (fine, coarse), grad), torch.autograd.grad(theirs, (fine, coarse), grad)):
+            assert torch.allclose(a, b, atol=1e-6)
+    # Mixed layouts, or a fine map that is a slice, take the plain path and give the same sum.
+    assert torch.equal(add_upsampled(fine, coarse.contiguous(memory_format=torch.channels_last)), add_upsampled(fine, coarse))
+    wide = torch.randn(2, 5, 6, 8)
+    assert torch.equal(add_upsampled(wide[:, 1:4], coarse), wide[:, 1:4] + upsample_nearest2x(coarse))
+    f64, c64 = (torch.randn(1, 2, 4, 6, dtype=torch.float64, requires_grad=True), torch.randn(1, 2, 2, 3, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(add_upsampled, (f64, c64))
+
+
+@pytest.mark.parametrize("coarse_channels, fine_channels, groups", [(6, 3, 3), (5, 4, 3), (4, 4, 8)])
+def test_group_norm_of_a_concatenation_with_an_upsampled_part(coarse_channels, fine_channels, groups):
+    """Groups within one part, a group straddling both parts (5 + 4 channels in groups of 3), one channel a group."""
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(groups, coarse_channels + fine_channels)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    coarse, fine = torch.randn(2, coarse_channels, 3, 4) * 3 + 1, torch.randn(2, fine_channels, 6, 8)
+    (scale_c, shift_c), (scale_f, shift_f) = unet_module._concat_group_norm_affine(norm, [coarse, fine])
+    ours = torch.cat([upsample_nearest2x(coarse * scale_c + shift_c), fine * scale_f + shift_f], 1)
+    theirs = norm(torch.cat([upsample_nearest2x(coarse), fine], 1))
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def decoder_block(channels_last: bool) -> tuple[ResBlock, list[torch.Tensor]]:
+    """A decoder ResBlock of unet-small-fast's kind (1x1 first conv, 3x3 second) with a coarse map, a skip and a
+    time activation; the 48 input channels make GroupNorm's groups of 3 straddle the two maps."""
+    torch.manual_seed(0)
+    block = ResBlock(32 + 16, 16, 64, 0.0, 16, kernels=(1, 3)).double()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = [torch.randn(2, 32, 4, 4, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_(),
+              torch.randn(2, 16, 8, 8, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_(),
+              torch.randn(2, 64, dtype=torch.float64, requires_grad=True)]
+    return block, inputs
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_decoder_block_reads_the_upsampled_concatenation_without_making_it(channels_last):
+    block, (coarse, skip, time_act) = decoder_block(channels_last)
+    assert block.reads_upsampled_exactly()
+    ours = block.forward_upsampled(coarse, skip, time_act)
+    theirs = block(torch.cat([upsample_nearest2x(coarse), skip], 1), time_act)
+    torch.testing.assert_close(ours, theirs)
+    grad = torch.randn_like(theirs)
+    wrt = [coarse, skip, time_act, *block.parameters()]
+    for a, b in zip(torch.autograd.grad(ours, wrt, grad), torch.autograd.grad(theirs, wrt, grad)):
+        torch.testing.assert_close(a, b)
+    assert not ResBlock(48, 16, 64, 0.0, 16).reads_upsampled_exactly()  # a 3x3 first conv reads neighbours
+
+
+def test_the_unet_upsamples_inside_the_next_decoder_block_unless_the_upsampling_is_read(monkeypatch):
+    """unet-small-fast's layout: the same outputs whether the decoder makes the upsampled maps or not."""
+    config = UNetConfig(**{**unet_config_dict(UNET_PRESETS["tiny"]), "decoder_res_blocks": 1, "upsample_conv": False,
+                           "decoder_kernel": 1})
+    unet = random_unet(config).double()
+    x, t = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([3, 500])
+    calls = []
+    original = ResBlock.forward_upsampled
+    monkeypatch.setattr(ResBlock, "forward_upsampled", lambda self, *args: calls.append(self) or original(self, *args))
+    fused = unet.forward_features(x, t, ["up0.0", "out"])
+    assert calls == [unet.decoder[1]["0"], unet.decoder[0]["0"]]
+    made = unet.forward_features(x, t, ["up2.up", "up1.up", "up0.0", "out"])
+    assert len(calls) == 2
+    torch.testing.assert_close(fused["up0.0"], made["up0.0"])
+    torch.testing.assert_close(fused["out"], made["out"])
+    random_unet(UNET_PRESETS["tiny"])(x.float(), t)  # its decoder convolves its input 3x3: never the path
+    assert len(calls) == 2
+
+
 def test_pointwise_conv_is_a_1x1_convolution_in_both_layouts():
     torch.manual_seed(0)
     conv = PointwiseConv(6, 4)
@@ -270,6 +348,33 @@ def test_pointwise_conv_is_a_1x1_convolution_in_both_layouts():
         theirs_grads = torch.autograd.grad(theirs, (x, conv.weight, conv.bias), grad)
         for a, b in zip(ours_grads, theirs_grads):
             assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_a_training_forward_copies_no_map_and_inference_normalises_in_place():
+    """SiLU after GroupNorm: out of place under autograd (an in-place SiLU makes autograd copy its input first), in
+    place when no graph is recorded; the same values either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            if self.names[-1] == "clone" and args[0].dim() == 4:  # (the upsampling's reshape clones a 6-d view)
+                self.names[-1] = "clone of a map"
+            return func(*args, **(kwargs or {}))
+
+    unet = random_unet(UNET_PRESETS["tiny"])
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 500])
+    with Ops() as training:
+        out = unet(x, t)
+    with torch.no_grad(), Ops() as inference:
+        same = unet(x, t)
+    assert "clone of a map" not in training.names and "silu_" not in training.names and "silu" in training.names
+    assert "silu_" in inference.names
+    torch.testing.assert_close(out, same)
 
 
 def test_config_validation_and_json_round_trip():

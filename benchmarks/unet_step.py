@@ -12,7 +12,7 @@ timesteps and noise, batch 128, forward + MSE to the noise + backward + AdamW st
 - ``pointwise``: ms for the 96 -> 32 1x1 convolution of a 128 x 96 x 32 x 32 map, oneDNN's against sslbench's.
 - ``macs``: multiply-adds per image of every top-level block of a U-Net preset (convolutions and linear layers).
 
-    python benchmarks/unet_step.py step --model small --precision bf16 [--channels-last] [--threads 2] [--profile] [--reuse-freed-memory]
+    python benchmarks/unet_step.py step --model small --precision bf16 [--channels-last] [--threads 2] [--profile | --op-times] [--reuse-freed-memory]
     python benchmarks/unet_step.py groupnorm --threads 1
     python benchmarks/unet_step.py macs --model small
 """
@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddae_vs_diffusers import UNETS, diffusers_unet, recipe  # noqa: E402  (benchmarks/ is a folder of scripts)
@@ -81,6 +82,41 @@ def make_step(model: str, precision: str, channels_last: bool) -> tuple[nn.Modul
     return net, step
 
 
+class OperatorTimes(TorchDispatchMode):
+    """Wall time of every ATen call (forward and backward), by operator and the shape of its first tensor argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: collections.Counter[tuple[str, tuple[int, ...]]] = collections.Counter()
+        self.calls: collections.Counter[tuple[str, tuple[int, ...]]] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        key = (func.overloadpacket.__name__, tuple(first.shape) if first is not None else ())
+        self.seconds[key] += time.perf_counter() - start
+        self.calls[key] += 1
+        return out
+
+
+def operator_times(step: Callable[[], None], args: argparse.Namespace) -> None:
+    """Print the operators of ``args.steps`` steps (after the warm-up), timed one call at a time, and their sum
+    against the steps' wall time."""
+    for _ in range(args.warmup):
+        step()
+    times = OperatorTimes()
+    start = time.perf_counter()
+    with times:
+        for _ in range(args.steps):
+            step()
+    wall_ms = (time.perf_counter() - start) * 1000 / args.steps
+    print(f"{wall_ms:.0f} ms per step (wall), {sum(times.seconds.values()) * 1000 / args.steps:.0f} ms in operators")
+    print("ms/step  calls/step  operator  first input")
+    for (name, shape), seconds in times.seconds.most_common(25):
+        print(f"{seconds * 1000 / args.steps:7.1f}  {times.calls[name, shape] / args.steps:10g}  {name}  {list(shape)}")
+
+
 def training_step(args: argparse.Namespace) -> None:
     net, step = make_step(args.model, args.precision, args.channels_last)
     layout = "channels-last" if args.channels_last else "NCHW"
@@ -93,6 +129,9 @@ def training_step(args: argparse.Namespace) -> None:
         # By input shape: the same operator costs very differently at 32x32 and at 8x8.
         print(profiler.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20,
                                                                      max_name_column_width=32, max_shapes_column_width=80))
+        return
+    if args.op_times:
+        operator_times(step, args)
         return
     ms = time_steps(step, args.warmup, args.steps)
     parameters = sum(p.numel() for p in net.parameters())
@@ -186,7 +225,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--profile", action="store_true", help="step: print the top operators of --steps steps instead.")
+    parser.add_argument("--profile", action="store_true", help="step: print torch.profiler's top operators of --steps steps instead.")
+    parser.add_argument("--op-times", action="store_true", help="step: print the top operators of --steps steps, each call timed alone.")
     parser.add_argument("--reuse-freed-memory", action="store_true",
                         help="keep freed memory for reuse, as sslbench's engine does on the CPU (sslbench.engine.reuse_freed_cpu_memory)")
     args = parser.parse_args()

@@ -47,3 +47,13 @@ def test_the_pointwise_convolutions_are_timed(unet_step, monkeypatch, capsys):
     unet_step.main()
     out = capsys.readouterr().out
     assert "nn.Conv2d(96, 32, 1)" in out and "PointwiseConv(96, 32)" in out and out.count("ms forward + backward") == 2
+
+
+def test_the_operators_of_a_step_are_timed_one_call_at_a_time(unet_step, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["unet_step.py", "step", "--model", "small-fast", "--precision", "fp32", "--threads", "1",
+                                      "--warmup", "0", "--steps", "1", "--op-times"])
+    unet_step.main()
+    out = capsys.readouterr().out
+    wall, inside = float(out.split(" ms per step")[0]), float(out.split("(wall), ")[1].split(" ms")[0])
+    assert 0 < inside <= wall * 1.05  # the operators run inside the step
+    assert "convolution_backward  [128, 32, 32, 32]" in out  # the 3x3 convolutions at 32x32, forward and backward

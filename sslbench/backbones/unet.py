@@ -134,10 +134,10 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     "small-lean": UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0,
                              groups=32, decoder_res_blocks=1, upsample_conv=False, init="pytorch"),
     # "small-lean" whose decoder ResBlocks mix the concatenated skip with a 1x1 convolution (``decoder_kernel=1``),
-    # 0.60M parameters, 90M multiply-adds per image against diffusers' 248M: 2.11-2.28x the fp32 training images/s
-    # of diffusers' UNet2DModel of the same channels on 2 AVX2 cores; after 3 epochs of C10-mini its readout was 0.1
-    # point higher with seed 0 and 1.6 lower with seed 1 (benchmarks/ddae_vs_diffusers.py --unet small-fast [--seed 1],
-    # benchmarks/results/speed.md section 10).
+    # 0.60M parameters, 90M multiply-adds per image against diffusers' 248M: 2.0-2.3x the fp32 training images/s of
+    # diffusers' UNet2DModel of the same channels on 2 AVX2 cores, but after 3 epochs of C10-mini its readout was 1.4
+    # points lower on the mean of seeds 0-3 (+0.1, -1.6, -0.4, -3.7; benchmarks/ddae_vs_diffusers.py --unet small-fast
+    # --seed S, benchmarks/results/speed.md sections 10-11).
     "small-fast": UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0,
                              groups=32, decoder_res_blocks=1, upsample_conv=False, decoder_kernel=1, init="pytorch"),
     # The DDPM CIFAR-10 model, 35.7M parameters (Ho et al. 2020; the DDAE CIFAR-10 DDPM backbone).

@@ -53,6 +53,8 @@ VIT_MINI = {"backbone": "vit", "dim": 128, "depth": 6, "heads": 4, "patch_size":
 """Not the protocol's ResNet (a ViT method needs a ViT): 128 wide, 6 blocks, 4 heads, patch 4 (8x8 tokens), 1.2M
 parameters, close to the quarter-width ResNet-18's 0.7M and cheap enough for 15 CPU epochs."""
 UNET_TINY = backbone_spec("unet-tiny")  # 16/32/32 channels, 0.27M parameters: the lean U-Net the protocol asks for
+DDPM_TRAIN = {"batch_size": 128, "optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0}
+"""DDPM training of every diffusion recipe here and in ddae_vs_diffusers.py: AdamW 2e-4, batch 128 (the DDAE reference)."""
 # solo-learn's CIFAR configs (scripts/pretrain/cifar/*.yaml) train BYOL, SwAV and DINO with LARS (lr 1.0 / 0.6 / 0.3,
 # eta 0.02, wd 1e-5 / 1e-6). Their layer-wise trust ratio makes those learning rates meaningless for plain SGD, and
 # with sslbench's LARS (optimizer=lars) they did no better in 5-epoch sweeps (methods_c10_mini.md), so those methods
@@ -148,11 +150,11 @@ RECIPES = {
     # AdamW 2e-4 (batch 128 as the DDAE reference); readout t=11, mid block.
     "ddae": dict(backbone={**UNET_TINY, "unet": {**UNET_TINY["unet"], "init": "pytorch"}},
                  options={"readout_t": 11, "readout_block": "mid"},
-                 train={"batch_size": 128, "optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0}),
+                 train={**DDPM_TRAIN}),
     # DDAE-EDM (Karras et al. 2022 training of the same U-Net): ddae's optimiser and batch; EMA 0.9999 with
     # warm-up; readout at sigma 0.047 (DDPM's t = 11), mid block; P_mean -1.2, P_std 1.2, sigma_data 0.5.
     "ddae_edm": dict(backbone=UNET_TINY, options={"readout_block": "mid"},
-                     train={"batch_size": 128, "optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0}),
+                     train={**DDPM_TRAIN}),
 }
 
 

@@ -62,7 +62,7 @@ from sslbench.methods.ddae import DDAEOptions, ddpm_loss, random_hflip
 from sslbench.tasks import ProbeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from c10_mini import cpu_model, raw_pixel_knn  # noqa: E402  (benchmarks/ is a folder of scripts)
+from c10_mini import DDPM_TRAIN, cpu_model, raw_pixel_knn  # noqa: E402  (benchmarks/ is a folder of scripts)
 from speed_vs_lightly import EpochReport, Settings, numpy_state, run_side_by_side, sslbench_worker, training_images  # noqa: E402
 
 LIBRARIES = ("sslbench", "diffusers")
@@ -106,7 +106,7 @@ def recipe(unet: str = "small") -> dict[str, Any]:
     preset, changes = VARIANTS.get(unet, (unet, {}))
     spec = backbone_spec(f"unet-{preset}")
     return dict(backbone={**spec, "unet": {**spec["unet"], **changes, "init": "pytorch"}}, options={"readout_t": LEVELS[0], "readout_block": "mid"},
-                train={"batch_size": 128, "optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0})
+                train={**DDPM_TRAIN})
 
 
 RECIPE = recipe()

@@ -2,7 +2,7 @@
 
 Trying a U-Net design against diffusers' model costs one full side-by-side run, most of it diffusers' own training,
 whose result does not change (``speed.md``: its loss and best cell agree across runs and machines). This trains
-only sslbench's side, with the benchmark's recipe (3 epochs of the C10-mini training images, fp32, seed 0) and
+only sslbench's side, with the benchmark's recipe (3 epochs of the C10-mini training images, fp32, seed 0 or --seed) and
 ``UNetConfig`` changes given as JSON, then prints the network's multiply-adds per image, its parameters, the epoch
 losses and the benchmark's readout grid with the same cell at random init. ``speed.md`` section 8 quotes it. Its
 images/s are not the benchmark's: use ``unet_step.py`` for speed, and ``ddae_vs_diffusers.py`` for the report.
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--unet", required=True, help="UNetConfig changes to unet-small, as a JSON object.")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="The training seed and the random-init floor's, as ddae_vs_diffusers.py --seed.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = recipe("small")
@@ -65,11 +66,11 @@ def main() -> None:
     test = load_dataset("cifar10", args.data_root, "test")
     keep = KeepEncoder()
     result = pretrain("ddae", train.images, RunConfig(out=args.out, accelerator="cpu", devices="1", precision=PRECISION, progress=False),
-                      backbone=spec["backbone"], options=spec["options"], train={**spec["train"], "epochs": EPOCHS, "seed": 0},
+                      backbone=spec["backbone"], options=spec["options"], train={**spec["train"], "epochs": EPOCHS, "seed": args.seed},
                       callbacks=[keep])
     print("epoch losses:", ", ".join(f"{loss:.4f}" for loss in result.epoch_losses), flush=True)
     readout = read_out("sslbench", keep.state, train, test, ProbeConfig(seed=0, device="cpu", knn_k=200, knn_temperature=0.1),
-                       spec["backbone"], seed=0)
+                       spec["backbone"], seed=args.seed)
     for cell in readout.cells:
         print(f"t = {cell.t}, {cell.block}: {cell.top1:.2%}")
     print(f"best: {readout.best.top1:.2%} (t = {readout.best.t}, {readout.best.block}); "

@@ -27,9 +27,10 @@ the map first), in-place additions where autograd allows, the time embedding (an
 forward, nearest upsampling as a broadcast copy with a backward of contiguous sums (``upsample_nearest2x``:
 PyTorch's CPU kernel is 4-5x slower), 1x1 convolutions as batched matrix products (``PointwiseConv``: oneDNN's NCHW
 one is 2.7x slower), decoder blocks that meet their input with 1x1 convolutions only normalising and mixing the
-upsampled part at its coarse resolution (``ResBlock.forward_upsampled``), and no dropout module when dropout is 0. The code works in either memory format, but contiguous (NCHW) was the faster one in our
-measurements, on CPU and on an H100 alike, because GroupNorm is slow in channels-last (on the CPU in bf16 its
-forward-backward took 5x as long as in NCHW, more than the convolutions gain there). Training time is ~75%
+upsampled part at its coarse resolution (``ResBlock.forward_upsampled``), and no dropout module when dropout is 0.
+The code works in either memory format, but contiguous (NCHW) was the faster one in our measurements, on CPU and
+on an H100 alike, because GroupNorm is slow in channels-last (on the CPU in bf16 its forward-backward took 5x as
+long as in NCHW, more than the convolutions gain there). Training time is ~75%
 convolutions, so bf16 autocast is the remaining big lever (about 1.7x on CPUs with bf16 instructions).
 """
 
@@ -156,11 +157,14 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, dim % 2))
 
 
-def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """SiLU(GroupNorm(x)), in place only where no autograd graph records it: SiLU's backward needs its input, so
-    autograd copies the map before an in-place SiLU, one pass over it more than the out-of-place op."""
-    h = norm(x)
+def _silu(h: torch.Tensor) -> torch.Tensor:
+    """SiLU of a map no one else reads, in place only where no autograd graph records it: SiLU's backward needs its
+    input, so autograd copies the map before an in-place SiLU, one pass over it more than the out-of-place op."""
     return F.silu(h, inplace=not h.requires_grad)
+
+
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return _silu(norm(x))
 
 
 def _concat_group_norm_affine(norm: nn.GroupNorm, parts: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -172,8 +176,9 @@ def _concat_group_norm_affine(norm: nn.GroupNorm, parts: list[torch.Tensor]) -> 
     32) fp32 skip of unet-small-fast's 32x32 decoder block on 2 AVX2 cores (torch 2.15; ``python
     benchmarks/unet_step.py step --model small-fast --precision fp32 --op-times``), more than GroupNorm's forward."""
     dtype = torch.promote_types(parts[0].dtype, torch.float32)
-    mean = torch.cat([part.to(dtype).mean((2, 3)) for part in parts], 1)
-    square = torch.cat([part.to(dtype).square().mean((2, 3)) for part in parts], 1)
+    parts_wide = [part.to(dtype) for part in parts]  # a no-op in float32
+    mean = torch.cat([part.mean((2, 3)) for part in parts_wide], 1)
+    square = torch.cat([part.square().mean((2, 3)) for part in parts_wide], 1)
     b, c = mean.shape
     group_mean = mean.view(b, norm.num_groups, -1).mean(2, keepdim=True)
     group_var = (square.view(b, norm.num_groups, -1).mean(2, keepdim=True) - group_mean.square()).clamp_min(0.0)
@@ -298,14 +303,12 @@ class ResBlock(nn.Module):
         with the block's output channels, is upsampled, into the sum with the ``skip`` channels' share. In
         unet-small-fast this skips the 96-channel 32x32 concatenation. The same function up to rounding (tested);
         needs ``reads_upsampled_exactly()``."""
-        cut = coarse.shape[1]
         (scale_c, shift_c), (scale_s, shift_s) = _concat_group_norm_affine(self.norm1, [coarse, skip])
-        mixed_c = F.silu(torch.addcmul(shift_c, coarse, scale_c))
-        mixed_s = F.silu(torch.addcmul(shift_s, skip, scale_s))
-        conv1, projection = self.conv1.matrix(), self.skip.matrix()
-        h = add_upsampled(pointwise(mixed_s, conv1[:, cut:], self.conv1.bias), pointwise(mixed_c, conv1[:, :cut]))
+        mixed_c = _silu(torch.addcmul(shift_c, coarse, scale_c))
+        mixed_s = _silu(torch.addcmul(shift_s, skip, scale_s))
+        h = _pointwise_of_upsampled_concat(self.conv1, mixed_c, mixed_s)
         h = h.add_(self.time_proj(time_act)[:, :, None, None])
-        return self._second_half(h, add_upsampled(pointwise(skip, projection[:, cut:], self.skip.bias), pointwise(coarse, projection[:, :cut])))
+        return self._second_half(h, _pointwise_of_upsampled_concat(self.skip, coarse, skip))
 
 
 class MiddleBlock(nn.Module):
@@ -409,6 +412,12 @@ def add_upsampled(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     if nhwc != _as_nhwc(coarse)[1] or not fine.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format):
         return fine + upsample_nearest2x(coarse)
     return _AddUpsampled.apply(fine, coarse)
+
+
+def _pointwise_of_upsampled_concat(conv: PointwiseConv, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+    """``conv(cat([upsample_nearest2x(coarse), fine]))``: the coarse channels' share is mixed before it is upsampled."""
+    weight, cut = conv.matrix(), coarse.shape[1]
+    return add_upsampled(pointwise(fine, weight[:, cut:], conv.bias), pointwise(coarse, weight[:, :cut]))
 
 
 class Upsample(nn.Module):

@@ -12,7 +12,7 @@ timesteps and noise, batch 128, forward + MSE to the noise + backward + AdamW st
 - ``pointwise``: ms for the 96 -> 32 1x1 convolution of a 128 x 96 x 32 x 32 map, oneDNN's against sslbench's.
 - ``macs``: multiply-adds per image of every top-level block of a U-Net preset (convolutions and linear layers).
 
-    python benchmarks/unet_step.py step --model small --precision bf16 [--channels-last] [--threads 2] [--profile | --op-times] [--reuse-freed-memory]
+    python benchmarks/unet_step.py step --model small --precision bf16 [--channels-last] [--threads 2] [--profile | --op-times] [--reuse-freed-memory] [--to-mid]
     python benchmarks/unet_step.py groupnorm --threads 1
     python benchmarks/unet_step.py macs --model small
 """
@@ -42,14 +42,24 @@ from sslbench.engine import reuse_freed_cpu_memory  # noqa: E402
 BATCH = 128
 
 
-def build(model: str) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """The network (seed 0) and its noise prediction ``(x, t) -> eps``."""
+def diffusers_to_mid(net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The middle block's output of diffusers' ``UNet2DModel``: its ``forward`` up to ``mid_block``, decoder left out."""
+    emb = net.time_embedding(net.time_proj(t).to(x.dtype))
+    h = net.conv_in(x)
+    for block in net.down_blocks:
+        h, _ = block(hidden_states=h, temb=emb)
+    return net.mid_block(h, emb)
+
+
+def build(model: str, to_mid: bool = False) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The network (seed 0) and its noise prediction ``(x, t) -> eps``, or with ``to_mid`` its middle block's output
+    (the encoder and middle block alone: the blocks DDAE reads)."""
     torch.manual_seed(0)
     if model == "diffusers":
         net = diffusers_unet()
-        return net, lambda x, t: net(x, t).sample
+        return net, (lambda x, t: diffusers_to_mid(net, x, t)) if to_mid else (lambda x, t: net(x, t).sample)
     net = build_encoder(recipe(model)["backbone"]).unet
-    return net, net
+    return net, (lambda x, t: net.forward_features(x, t, ["mid"])["mid"]) if to_mid else net
 
 
 def time_steps(step: Callable[[], None], warmup: int, steps: int) -> float:
@@ -62,9 +72,10 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1000
 
 
-def make_step(model: str, precision: str, channels_last: bool) -> tuple[nn.Module, Callable[[], None]]:
-    """The network and one training step of it on fixed random inputs."""
-    net, predict = build(model)
+def make_step(model: str, precision: str, channels_last: bool, to_mid: bool = False) -> tuple[nn.Module, Callable[[], None]]:
+    """The network and one training step of it on fixed random inputs. With ``to_mid`` the step trains the encoder
+    and middle block alone, on the mean square of the middle block's output: the floor of any decoder's step."""
+    net, predict = build(model, to_mid)
     optimizer = torch.optim.AdamW(net.parameters(), 2e-4)
     x, t, eps = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 1000, (BATCH,)), torch.randn(BATCH, 3, 32, 32)
     if channels_last:
@@ -74,7 +85,7 @@ def make_step(model: str, precision: str, channels_last: bool) -> tuple[nn.Modul
     def step() -> None:
         with autocast:
             out = predict(x, t)
-        loss = (out.float() - eps).pow(2).mean()
+        loss = (out.float() - (0.0 if to_mid else eps)).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -118,7 +129,7 @@ def operator_times(step: Callable[[], None], args: argparse.Namespace) -> None:
 
 
 def training_step(args: argparse.Namespace) -> None:
-    net, step = make_step(args.model, args.precision, args.channels_last)
+    net, step = make_step(args.model, args.precision, args.channels_last, args.to_mid)
     layout = "channels-last" if args.channels_last else "NCHW"
     if args.profile:
         for _ in range(args.warmup):
@@ -135,7 +146,8 @@ def training_step(args: argparse.Namespace) -> None:
         return
     ms = time_steps(step, args.warmup, args.steps)
     parameters = sum(p.numel() for p in net.parameters())
-    print(f"{args.model} ({parameters:,} parameters), {args.precision}, {layout}, {args.threads} threads: "
+    part = " encoder and middle block" if args.to_mid else ""
+    print(f"{args.model}{part} ({parameters:,} parameters), {args.precision}, {layout}, {args.threads} threads: "
           f"{ms:.0f} ms per step of {BATCH}, {BATCH / ms * 1000:.0f} images/s")
 
 
@@ -227,6 +239,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--profile", action="store_true", help="step: print torch.profiler's top operators of --steps steps instead.")
     parser.add_argument("--op-times", action="store_true", help="step: print the top operators of --steps steps, each call timed alone.")
+    parser.add_argument("--to-mid", action="store_true",
+                        help="step: train the encoder and middle block alone (a loss on the middle block's output), the floor of any decoder")
     parser.add_argument("--reuse-freed-memory", action="store_true",
                         help="keep freed memory for reuse, as sslbench's engine does on the CPU (sslbench.engine.reuse_freed_cpu_memory)")
     args = parser.parse_args()

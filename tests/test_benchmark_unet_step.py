@@ -57,3 +57,26 @@ def test_the_operators_of_a_step_are_timed_one_call_at_a_time(unet_step, monkeyp
     wall, inside = float(out.split(" ms per step")[0]), float(out.split("(wall), ")[1].split(" ms")[0])
     assert 0 < inside <= wall * 1.05  # the operators run inside the step
     assert "convolution_backward  [128, 32, 32, 32]" in out  # the 3x3 convolutions at 32x32, forward and backward
+
+
+@pytest.mark.parametrize("model", ["small-fast", "diffusers"])
+def test_the_encoder_alone_ends_at_the_middle_block(unet_step, model):
+    import torch
+
+    net, to_mid = unet_step.build(model, to_mid=True)
+    mid = net.mid_block if model == "diffusers" else net.mid
+    seen = []
+    mid.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 700])
+    with torch.no_grad():
+        whole = net(x, t)
+        alone = to_mid(x, t)
+    assert (whole.sample if model == "diffusers" else whole).shape == (2, 3, 32, 32)
+    assert alone.shape == (2, 64, 8, 8) and torch.equal(alone, seen[0]) and len(seen) == 2  # the full pass's middle block
+
+
+def test_the_step_of_the_encoder_alone_is_timed(unet_step, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["unet_step.py", "step", "--model", "diffusers", "--precision", "fp32", "--threads", "1",
+                                      "--warmup", "0", "--steps", "1", "--to-mid"])
+    unet_step.main()
+    assert "diffusers encoder and middle block (" in capsys.readouterr().out

@@ -101,6 +101,7 @@ class PretrainMethod(L.LightningModule):
         })
         self.encoder = self.build_encoder()
         self.build()
+        self._unchecked_loss: tuple[torch.Tensor, int, int] | None = None
 
     # --- for subclasses -------------------------------------------------------------------------
     @classmethod
@@ -178,11 +179,11 @@ class PretrainMethod(L.LightningModule):
             loss, logs = self.training_loss(images, generator)
         else:
             loss, logs = self.masked_training_loss(images, masks, generator)
-        if not bool(torch.isfinite(loss.detach())):
-            raise TrainingError(
-                f"{self.name} loss became {loss.item()} at step {step} (epoch {self.current_epoch}); "
-                f"lower the learning rate (now --set lr={self.train_config.lr}) or check the input data"
-            )
+        # Reading the loss on the host waits for the device. The previous step's loss has long been computed when
+        # this step starts, so checking it leaves that step's backward and update queued on the GPU; the epoch's last
+        # loss is checked in on_train_batch_end, before the epoch-end callbacks export the encoder and checkpoint.
+        self.raise_if_loss_not_finite()
+        self._unchecked_loss = (loss.detach(), step, self.current_epoch)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
         for key, value in logs.items():
             self.log(key, value, on_step=False, on_epoch=True, batch_size=len(images))
@@ -190,6 +191,21 @@ class PretrainMethod(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.after_optimizer_step()
+        if self.trainer.is_last_batch:
+            self.raise_if_loss_not_finite()
+
+    def raise_if_loss_not_finite(self) -> None:
+        """The NaN/inf-loss error for the last loss not yet checked: one step late, so that the check does not make
+        the host wait for the step it is enqueueing (a GPU's queue then never drains)."""
+        if self._unchecked_loss is None:
+            return
+        loss, step, epoch = self._unchecked_loss
+        self._unchecked_loss = None
+        if not bool(torch.isfinite(loss)):
+            raise TrainingError(
+                f"{self.name} loss became {loss.item()} at step {step} (epoch {epoch}); "
+                f"lower the learning rate (now --set lr={self.train_config.lr}) or check the input data"
+            )
 
     def lr_scales(self) -> dict[str, float]:
         """Learning-rate factors for named top-level submodules (BYOL's predictor); the schedule applies on top."""

@@ -159,6 +159,31 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, scenes):
         _run(tmp_path, "nan", scenes, "simclr", RESNET, 1, lr=1e30)
 
 
+@pytest.mark.parametrize("nan_step", [1, 2])
+def test_a_nan_loss_is_caught_one_step_late_but_before_the_epoch_is_saved(tmp_path, small_scenes, monkeypatch, nan_step):
+    # Two steps an epoch. Step 1 ends epoch 0: its loss is checked at once, before the epoch-end export and
+    # checkpoint. Step 2 opens epoch 1: its loss is checked when step 3 starts, so the error still names step 2.
+    simclr = METHODS["simclr"]
+    original, steps = simclr.training_loss, []
+
+    def training_loss(self, images, generator):
+        steps.append(self.global_step)
+        loss, logs = original(self, images, generator)
+        return (loss * float("nan") if self.global_step == nan_step else loss), logs
+
+    monkeypatch.setattr(simclr, "training_loss", training_loss)
+    saved = Path(tmp_path / "nan" / LAST_CHECKPOINT)
+    with pytest.raises(SslbenchError, match=rf"loss became nan at step {nan_step} \(epoch {nan_step // 2}\)"):
+        _run(tmp_path, "nan", small_scenes, "simclr", RESNET, 2, batch_size=32)
+    # Step 3's forward is queued before the host reads step 2's loss.
+    assert steps == ([0, 1] if nan_step == 1 else [0, 1, 2, 3])
+    if nan_step == 1:
+        assert not saved.exists()  # epoch 0 never completed
+    else:
+        state = torch.load(saved, map_location="cpu", weights_only=False)
+        assert state["epoch"] == 0 and all(v.isfinite().all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
 def test_bad_options_fail_before_anything_is_written(tmp_path, scenes):
     with pytest.raises(ConfigError, match="unknown option 'temprature'"):
         pretrain("simclr", scenes, RunConfig(out=tmp_path / "x", progress=False), options={"temprature": "0.1"})

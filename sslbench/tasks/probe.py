@@ -207,20 +207,23 @@ def train_loop(parameter_groups: list[dict[str, Any]], batch_loss: BatchLoss, nu
     optimizer = PROBE_OPTIMIZERS[config.optimizer](parameter_groups, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
     epoch_loss, step = math.nan, 0
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
+        # The loss is summed where it is computed and read once an epoch: reading it at every step would make the
+        # host wait for the device at every step. A non-finite loss is caught at the epoch's end (only the head,
+        # in memory, has trained on it).
         total, seen = 0.0, 0
         for indices in _batches(num_samples, batch_size, generator):
             loss = batch_loss(indices, step)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"training loss became {loss.item()} (features may overflow float16 or lr={config.lr} is too high)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += loss.item() * len(indices)
+            total = total + loss.detach().double() * len(indices)
             seen += len(indices)
             step += 1
-        epoch_loss = total / seen
+        epoch_loss = float(total) / seen
+        if not math.isfinite(epoch_loss):
+            raise TrainingError(f"training loss became {epoch_loss} in epoch {epoch} (features may overflow float16 or lr={config.lr} is too high)")
     return epoch_loss
 
 

@@ -124,3 +124,25 @@ def test_result_rows_carry_the_trainable_parameter_count(data, tmp_path):
     # One row per metric; the count is a field of each (24 x 4 + 4 for the count head), not a row.
     assert [row["metric"] for row in rows] == ["accuracy", "mae"]
     assert all(row["trainable_params"] == 24 * 4 + 4 for row in rows) and metrics["trainable_params"] == 100
+
+
+def test_the_head_training_loop_returns_the_last_epoch_mean_and_stops_on_a_non_finite_loss():
+    from sslbench.errors import TrainingError
+    from sslbench.tasks.probe import train_loop
+
+    weight = torch.nn.Parameter(torch.zeros(()))
+    seen = []
+
+    def batch_loss(indices, step):  # 10 samples in batches of 4, 4 and 2: a loss of 1, 2, 3 per step of an epoch
+        seen.append(step)
+        return weight * 0 + (step % 3 + 1)
+
+    config = ProbeConfig(epochs=2, seed=0, device="cpu")
+    assert train_loop([{"params": [weight], "lr": 0.1}], batch_loss, 10, 4, config) == pytest.approx((4 * 1 + 4 * 2 + 2 * 3) / 10)
+    assert seen == list(range(6))
+
+    def exploding(indices, step):
+        return weight * 0 + (float("nan") if step == 4 else 1.0)
+
+    with pytest.raises(TrainingError, match=r"training loss became nan in epoch 1 \(features may overflow float16 or lr="):
+        train_loop([{"params": [weight], "lr": 0.1}], exploding, 10, 4, config)

@@ -7,7 +7,8 @@ the device in one copy, and each transform is a handful of batched tensor ops:
 
 * random resized crop + horizontal flip + rotation are one affine ``grid_sample``;
 * colour jitter applies brightness, contrast, saturation and hue in a random order per image
-  (as torchvision's ``ColorJitter``) by routing each image through four stages;
+  (as torchvision's ``ColorJitter``) by routing each image through four stages, planned on the host so that
+  the device never has to report which images get which op;
 * grayscale, Gaussian blur (grouped separable convolution), solarisation, cutout, Gaussian noise
   and Sobel filtering are masked blends.
 
@@ -171,12 +172,23 @@ def _color_op(x: torch.Tensor, op: int, factor: torch.Tensor) -> torch.Tensor:
     return _shift_hue(x, factor)
 
 
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Apply the four jitter ops with per-image ``factors`` (B, 4) in per-image ``order`` (B, 4)."""
+def jitter_plan(order: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+    """Which images get which colour-jitter op at each stage, from the per-image op ``order`` (B, 4) on the host.
+
+    Column s of ``grouping`` lists the images by the op they get at stage s (op 0's first), and ``counts[s]`` gives
+    each op's number of images. Planned on the host, where ``order`` is drawn: selecting each op's images on the
+    device (``nonzero``) makes the host wait for the device, 16 times a view."""
+    grouping = torch.argsort(order, dim=0, stable=True)
+    counts = [torch.bincount(order[:, stage], minlength=4).tolist() for stage in range(4)]
+    return grouping, counts
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, grouping: torch.Tensor, counts: list[list[int]]) -> torch.Tensor:
+    """Apply the four jitter ops with per-image ``factors`` (B, 4) in each image's order, as ``jitter_plan`` laid
+    it out (``grouping`` on ``x``'s device)."""
     for stage in range(4):
         out = torch.empty_like(x)
-        for op in range(4):
-            idx = (order[:, stage] == op).nonzero().squeeze(1)
+        for op, idx in enumerate(grouping[:, stage].split(counts[stage])):
             if len(idx):
                 out[idx] = _color_op(x[idx], op, factors[idx, op])
         x = out
@@ -208,7 +220,8 @@ def sobel(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.view(-1, 1, 1, 1).to(old.device), new, old)
+    """``new`` where the per-image ``mask`` (B,) is true (on the images' device), else ``old``."""
+    return torch.where(mask.view(-1, 1, 1, 1), new, old)
 
 
 def augment(images: torch.Tensor, config: ViewConfig, generator: torch.Generator) -> torch.Tensor:
@@ -268,14 +281,21 @@ def _augment(images: torch.Tensor, config: ViewConfig, generator: torch.Generato
     use_sobel = _bernoulli(generator, n, config.sobel_p)
 
     dtype = torch.float32
-    params = torch.cat([theta.view(n, 6), factors, sigma.view(n, 1), cut_center], 1).to(device, non_blocking=True)
+    grouping, counts = jitter_plan(order)
+    # Every per-image parameter in one host-to-device copy, which does not wait for the device: a blocking copy (or
+    # a boolean mask moved on its own) would make the host wait for the device's queue to drain.
+    switches = torch.stack([gray, blur, solarize, use_sobel, cutout, noise], 1)
+    params = torch.cat([theta.view(n, 6), factors, sigma.view(n, 1), cut_center, switches, grouping], 1)
+    params = params.to(device, dtype, non_blocking=True)  # float32 holds every image index below 2**24 exactly
     theta_d, factors_d, sigma_d, cut_d = params[:, :6].view(n, 2, 3), params[:, 6:10], params[:, 10], params[:, 11:13]
+    gray, blur, solarize, use_sobel, cutout, noise = (params[:, 13 + i] > 0 for i in range(6))
+    grouping_d = params[:, 19:23].long()
 
     x = images.to(dtype).div_(255.0)
     grid = F.affine_grid(theta_d, [n, 3, config.size, config.size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if config.jitter_p > 0:
-        x = color_jitter(x, factors_d, order.to(device))
+        x = color_jitter(x, factors_d, grouping_d, counts)
     if config.grayscale_p > 0:
         x = _blend(gray, grayscale(x).expand(-1, 3, -1, -1), x)
     if config.blur_p > 0:

@@ -2,8 +2,10 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from sslbench.augment import (ViewConfig, ViewMaker, augment, augment_with_masks, color_jitter, sample_crop_boxes,
-                              step_generator)
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sslbench.augment import (ViewConfig, ViewMaker, _color_op, augment, augment_with_masks, color_jitter, jitter_plan,
+                              sample_crop_boxes, step_generator)
 from sslbench.errors import ConfigError
 
 
@@ -56,10 +58,50 @@ def test_colour_ops_match_torchvision(op, factor):
     factors = torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(6, 1)
     factors[:, op] = factor
     order = torch.arange(4).repeat(6, 1)
-    ours = color_jitter(x, factors, order)
+    ours = color_jitter(x, factors, *jitter_plan(order))
     ref_fn = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue][op]
     ref = torch.stack([ref_fn(img, factor) for img in x])
     assert torch.allclose(ours, ref, atol=2e-3)
+
+
+def test_colour_jitter_applies_each_images_ops_in_its_own_order():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.rand(9, 3, 6, 6, generator=generator)
+    factors = torch.stack([torch.rand(9, generator=generator) + 0.5 for _ in range(3)] + [torch.rand(9, generator=generator) - 0.5], 1)
+    order = torch.argsort(torch.rand(9, 4, generator=generator), dim=1)
+    order[0] = order[1] = torch.tensor([3, 2, 1, 0])  # two images share an order; other stages leave some op unused
+    ours = color_jitter(x, factors, *jitter_plan(order))
+    for i in range(9):
+        ref = x[i:i + 1]
+        for op in order[i].tolist():
+            ref = _color_op(ref, op, factors[i:i + 1, op])
+        assert torch.allclose(ours[i:i + 1], ref, atol=1e-6)
+
+
+class _Copies(TorchDispatchMode):
+    """The host-to-device copies an augmentation makes, and whether each is non-blocking."""
+
+    def __init__(self):
+        super().__init__()
+        self.non_blocking: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" and kwargs.get("device", args[0].device).type == "meta":
+            self.non_blocking.append(bool(kwargs.get("non_blocking", False)))
+        return func(*args, **kwargs)
+
+
+def test_the_device_side_of_augmentation_reads_nothing_back_and_gets_its_parameters_in_one_copy():
+    # On the meta device tensors have no data: reading any back (nonzero, item, a boolean test) fails. On a GPU each
+    # such read, and each blocking host-to-device copy, makes the host wait for the device's queue to drain.
+    images = _images(16).to("meta")
+    config = ViewConfig(blur_p=0.5, solarize_p=0.2, cutout_p=0.3, sobel_p=0.1, rotation_p=0.5, rotation_degrees=10)
+    with _Copies() as copies:
+        views, masks = augment_with_masks(images, torch.zeros(16, 32, 32, dtype=torch.long, device="meta"), config,
+                                          torch.Generator().manual_seed(0))
+    assert views.shape == (16, 3, 32, 32) and views.device.type == "meta" and masks.shape == (16, 32, 32)
+    assert copies.non_blocking == [True]
 
 
 def test_grayscale_probability_and_colour_statistics():

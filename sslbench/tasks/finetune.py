@@ -31,10 +31,12 @@ image) are made to learn invariances, not to fit labels on small images."""
 def flip_augment(images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Horizontal flip of half the images; per-pixel targets (N, H, W) (masks, depth) are flipped with
     their image, per-image targets (classes, counts) are unchanged by a flip."""
-    flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
-    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    # The mask is drawn on the host and copied to each tensor's device without blocking (a blocking copy from the
+    # host waits for the device's queue to drain); only host-to-device copies may skip the wait.
+    flip = torch.rand(len(images), generator=generator) < 0.5
+    images = torch.where(flip.to(images.device, non_blocking=True).view(-1, 1, 1, 1), images.flip(-1), images)
     if targets.ndim == 3:
-        targets = torch.where(flip.view(-1, 1, 1).to(targets.device), targets.flip(-1), targets)
+        targets = torch.where(flip.to(targets.device, non_blocking=True).view(-1, 1, 1), targets.flip(-1), targets)
     return images.float().div(255), targets
 
 
@@ -53,9 +55,10 @@ def finetune(head: TaskHead, encoder: Encoder, train: ImageSet, targets: torch.T
     head.module.to(config.device).train()
 
     def batch_loss(indices: torch.Tensor, step: int) -> torch.Tensor:
-        images, batch_targets = augmentation(train.images[indices].to(config.device), targets[indices], step_generator(config.seed, step))
+        images = train.images[indices].to(config.device, non_blocking=True)
+        images, batch_targets = augmentation(images, targets[indices], step_generator(config.seed, step))
         output = head(tuned(images), tuple(images.shape[-2:]))
-        return loss_fn(output, batch_targets.to(config.device))
+        return loss_fn(output, batch_targets.to(config.device, non_blocking=True))
 
     groups = [
         {"params": list(tuned.parameters()), "lr": config.encoder_learning_rate},

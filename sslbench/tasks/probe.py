@@ -218,7 +218,7 @@ def train_loop(parameter_groups: list[dict[str, Any]], batch_loss: BatchLoss, nu
             loss.backward()
             optimizer.step()
             schedule.step()
-            total = total + loss.detach().double() * len(indices)
+            total = total + loss.detach().float() * len(indices)
             seen += len(indices)
             step += 1
         epoch_loss = float(total) / seen

@@ -282,11 +282,10 @@ def _augment(images: torch.Tensor, config: ViewConfig, generator: torch.Generato
 
     dtype = torch.float32
     grouping, counts = jitter_plan(order)
-    # Every per-image parameter in one host-to-device copy, which does not wait for the device: a blocking copy (or
-    # a boolean mask moved on its own) would make the host wait for the device's queue to drain.
+    # Every per-image parameter in one host-to-device copy, which does not wait for the device.
     switches = torch.stack([gray, blur, solarize, use_sobel, cutout, noise], 1)
     params = torch.cat([theta.view(n, 6), factors, sigma.view(n, 1), cut_center, switches, grouping], 1)
-    params = params.to(device, dtype, non_blocking=True)  # float32 holds every image index below 2**24 exactly
+    params = host_to_device(params.to(dtype), device)  # float32 holds every image index below 2**24 exactly
     theta_d, factors_d, sigma_d, cut_d = params[:, :6].view(n, 2, 3), params[:, 6:10], params[:, 10], params[:, 11:13]
     gray, blur, solarize, use_sobel, cutout, noise = (params[:, 13 + i] > 0 for i in range(6))
     grouping_d = params[:, 19:23].long()
@@ -358,3 +357,11 @@ def _channels_last(view: torch.Tensor) -> torch.Tensor:
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A CPU generator for one training step: views depend only on (seed, step), so resume is exact."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def host_to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x`` (random draws from a ``step_generator``, on the host) on ``device``, without making the host wait: a
+    blocking host-to-device copy waits for the device's queue to drain, every step. A non-blocking copy from
+    ordinary host memory is staged before it returns, so ``x`` may be dropped at once. A tensor already on a device
+    is copied blocking: a non-blocking copy to the host could be read before it lands."""
+    return x.to(device, non_blocking=x.device.type == "cpu")

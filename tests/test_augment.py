@@ -4,8 +4,8 @@ import torchvision.transforms.v2.functional as TF
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sslbench.augment import (ViewConfig, ViewMaker, _color_op, augment, augment_with_masks, color_jitter, jitter_plan,
-                              sample_crop_boxes, step_generator)
+from sslbench.augment import (ViewConfig, ViewMaker, _color_op, augment, augment_with_masks, color_jitter, host_to_device,
+                              jitter_plan, sample_crop_boxes, step_generator)
 from sslbench.errors import ConfigError
 
 
@@ -87,7 +87,7 @@ class _Copies(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" and kwargs.get("device", args[0].device).type == "meta":
+        if func is torch.ops.aten._to_copy.default and args[0].device != kwargs.get("device", args[0].device):
             self.non_blocking.append(bool(kwargs.get("non_blocking", False)))
         return func(*args, **kwargs)
 
@@ -102,6 +102,16 @@ def test_the_device_side_of_augmentation_reads_nothing_back_and_gets_its_paramet
                                           torch.Generator().manual_seed(0))
     assert views.shape == (16, 3, 32, 32) and views.device.type == "meta" and masks.shape == (16, 32, 32)
     assert copies.non_blocking == [True]
+
+
+def test_host_draws_go_to_the_device_without_blocking_and_device_tensors_come_back_blocking():
+    with _Copies() as copies:
+        on_device = host_to_device(torch.arange(4), "meta")
+        assert host_to_device(on_device, "meta") is on_device  # already there: no copy
+    assert on_device.device.type == "meta" and copies.non_blocking == [True]
+    with _Copies() as copies, pytest.raises(NotImplementedError):  # meta tensors cannot land on the host; the copy's flag is seen first
+        host_to_device(on_device, "cpu")
+    assert copies.non_blocking == [False]
 
 
 def test_grayscale_probability_and_colour_statistics():

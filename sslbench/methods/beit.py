@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslbench.augment import ViewConfig
+from sslbench.augment import ViewConfig, host_to_device
 from sslbench.backbones.palette import ColourPalette, sample_pixels
 from sslbench.backbones.vit import VIT_PRESETS, VisionTransformer
 from sslbench.config import check_range
@@ -187,8 +187,8 @@ class BEiTPalette(PretrainMethod):
         (view,) = self.views(images, generator)
         masked = self.masking(len(view), generator)
         # Every image has the same number of masked patches, so their indices form a (B, M) tensor.
-        masked_indices = masked.nonzero()[:, 1].view(len(view), -1).to(view.device)
-        outputs = self.encode_masked(view, masked.to(view.device))
+        masked_indices = host_to_device(masked.nonzero()[:, 1].view(len(view), -1), view.device)
+        outputs = self.encode_masked(view, host_to_device(masked, view.device))
         return self.masked_prediction_loss(outputs, self.target_tokens(view), masked_indices), {}
 
     def compiled_modules(self) -> list[nn.Module]:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslbench.augment import host_to_device
 from sslbench.backbones.base import Encoder
 from sslbench.backbones.diffusion import DDPMSchedule, DiffusionEncoder, DiffusionSchedule
 from sslbench.backbones.unet import UNET_PRESETS, UNet, unet_config_from_dict
@@ -22,7 +23,7 @@ from sslbench.methods.parts import ema_update, frozen_copy
 def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image mirrored left-right with probability 1/2 (DDPM's and DDAE's only data augmentation); the
     draw comes from the CPU ``generator``, so it is the same on every device."""
-    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
+    flip = host_to_device(torch.rand(len(x), generator=generator) < 0.5, x.device)
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 

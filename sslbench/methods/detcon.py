@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sslbench.augment import host_to_device
 from sslbench.backbones import Encoder
 from sslbench.config import check_range
 from sslbench.data import DATASETS, IGNORE_INDEX
@@ -135,7 +136,7 @@ def sample_mask_ids(masks1: torch.Tensor, masks2: torch.Tensor, num_masks: int,
     both = present1 & present2
     candidates = torch.where(both.any(1, keepdim=True), both, present1 | present2)
     counts = candidates.sum(1, keepdim=True)
-    draws = torch.rand(len(masks1), num_masks, generator=generator).to(candidates.device)
+    draws = host_to_device(torch.rand(len(masks1), num_masks, generator=generator), candidates.device)
     wanted = (draws * counts).long() + 1  # the 1-based rank of the candidate each draw picks
     ids = torch.searchsorted(candidates.long().cumsum(1), wanted).clamp(max=IGNORE_INDEX)  # no candidate: ignore id
     return ids, present1.gather(1, ids), present2.gather(1, ids)

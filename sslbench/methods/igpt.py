@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslbench.augment import ViewConfig
+from sslbench.augment import ViewConfig, host_to_device
 from sslbench.backbones.igpt import ImageGPTEncoder
 from sslbench.backbones.palette import sample_pixels
 from sslbench.config import check_range
@@ -126,7 +126,7 @@ class IGPT(PretrainMethod):
         tokens = self.encoder.tokenize(self.views(images, generator)[0])
         if self.options.objective == "autoregressive":
             return autoregressive_loss(self.token_logits(tokens), tokens), {}
-        masked = bert_mask(tuple(tokens.shape), self.options.mask_ratio, generator).to(tokens.device)
+        masked = host_to_device(bert_mask(tuple(tokens.shape), self.options.mask_ratio, generator), tokens.device)
         return masked_token_loss(self.token_logits(tokens, masked), tokens, masked), {}
 
     def compiled_modules(self) -> list[nn.Module]:

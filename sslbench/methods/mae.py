@@ -34,7 +34,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from sslbench.augment import ViewConfig
+from sslbench.augment import ViewConfig, host_to_device
 from sslbench.backbones import Encoder
 from sslbench.backbones.vit import VIT_PRESETS, VisionTransformer, sincos_position_embedding
 from sslbench.config import check_range
@@ -180,8 +180,8 @@ class MAE(PretrainMethod):
     def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         (view,) = self.views(images, generator)
         keep, replaced = self.sample_masks(len(view), generator)
-        keep = keep.to(view.device)
-        replaced = replaced.to(view.device) if replaced is not None else None
+        keep = host_to_device(keep, view.device)
+        replaced = host_to_device(replaced, view.device) if replaced is not None else None
         prediction = self.decoder(self.encode_visible(view, keep, replaced), keep)
         # The target is the image as the encoder sees it (normalised), as in the official code.
         target = patchify(self.encoder.normalize(view), self.encoder.patch_size)

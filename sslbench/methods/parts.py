@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sslbench.augment import ViewConfig
+from sslbench.augment import ViewConfig, host_to_device
 
 
 class ScaleBatchNorm1d(nn.BatchNorm1d):
@@ -124,7 +124,7 @@ def split_batch_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
         return fn(x)
     if permutation is None:
         return torch.cat([fn(chunk) for chunk in x.chunk(splits)])
-    permutation = permutation.to(x.device)
+    permutation = host_to_device(permutation, x.device)
     return torch.cat([fn(chunk) for chunk in x[permutation].chunk(splits)])[torch.argsort(permutation)]
 
 

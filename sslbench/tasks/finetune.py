@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from sslbench.augment import ViewConfig, augment, step_generator
+from sslbench.augment import ViewConfig, augment, host_to_device, step_generator
 from sslbench.backbones.base import Encoder
 from sslbench.data.base import ImageSet
 from sslbench.tasks.heads import TaskHead
@@ -31,12 +31,10 @@ image) are made to learn invariances, not to fit labels on small images."""
 def flip_augment(images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Horizontal flip of half the images; per-pixel targets (N, H, W) (masks, depth) are flipped with
     their image, per-image targets (classes, counts) are unchanged by a flip."""
-    # The mask is drawn on the host and copied to each tensor's device without blocking (a blocking copy from the
-    # host waits for the device's queue to drain); only host-to-device copies may skip the wait.
     flip = torch.rand(len(images), generator=generator) < 0.5
-    images = torch.where(flip.to(images.device, non_blocking=True).view(-1, 1, 1, 1), images.flip(-1), images)
+    images = torch.where(host_to_device(flip, images.device).view(-1, 1, 1, 1), images.flip(-1), images)
     if targets.ndim == 3:
-        targets = torch.where(flip.to(targets.device, non_blocking=True).view(-1, 1, 1), targets.flip(-1), targets)
+        targets = torch.where(host_to_device(flip, targets.device).view(-1, 1, 1), targets.flip(-1), targets)
     return images.float().div(255), targets
 
 
@@ -55,10 +53,10 @@ def finetune(head: TaskHead, encoder: Encoder, train: ImageSet, targets: torch.T
     head.module.to(config.device).train()
 
     def batch_loss(indices: torch.Tensor, step: int) -> torch.Tensor:
-        images = train.images[indices].to(config.device, non_blocking=True)
+        images = host_to_device(train.images[indices], config.device)
         images, batch_targets = augmentation(images, targets[indices], step_generator(config.seed, step))
         output = head(tuned(images), tuple(images.shape[-2:]))
-        return loss_fn(output, batch_targets.to(config.device, non_blocking=True))
+        return loss_fn(output, host_to_device(batch_targets, config.device))
 
     groups = [
         {"params": list(tuned.parameters()), "lr": config.encoder_learning_rate},

@@ -145,7 +145,7 @@ def training_step(args: argparse.Namespace) -> None:
         operator_times(step, args)
         return
     ms = time_steps(step, args.warmup, args.steps)
-    parameters = sum(p.numel() for p in net.parameters())
+    parameters = sum(p.numel() for p in net.parameters() if p.grad is not None)  # with --to-mid, the decoder's get none
     part = " encoder and middle block" if args.to_mid else ""
     print(f"{args.model}{part} ({parameters:,} parameters), {args.precision}, {layout}, {args.threads} threads: "
           f"{ms:.0f} ms per step of {BATCH}, {BATCH / ms * 1000:.0f} images/s")

@@ -30,8 +30,10 @@ one is 2.7x slower), decoder blocks that meet their input with 1x1 convolutions 
 upsampled part at its coarse resolution (``ResBlock.forward_upsampled``), and no dropout module when dropout is 0.
 The code works in either memory format, but contiguous (NCHW) was the faster one in our measurements, on CPU and
 on an H100 alike, because GroupNorm is slow in channels-last (on the CPU in bf16 its forward-backward took 5x as
-long as in NCHW, more than the convolutions gain there). Training time is ~75%
-convolutions, so bf16 autocast is the remaining big lever (about 1.7x on CPUs with bf16 instructions).
+long as in NCHW, more than the convolutions gain there). In unet-small-fast's fp32 training step on 2 AVX2 cores
+the 3x3 convolutions took 46-56% of the time (``benchmarks/unet_step.py step --op-times``,
+``benchmarks/results/speed.md`` section 11), so bf16 autocast is the remaining big lever where the CPU has bf16
+instructions (about 1.7x there).
 """
 
 from __future__ import annotations

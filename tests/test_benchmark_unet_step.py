@@ -80,3 +80,4 @@ def test_the_step_of_the_encoder_alone_is_timed(unet_step, monkeypatch, capsys):
                                       "--warmup", "0", "--steps", "1", "--to-mid"])
     unet_step.main()
     assert "diffusers encoder and middle block (" in capsys.readouterr().out
+
